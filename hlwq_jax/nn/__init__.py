@@ -1,0 +1,9 @@
+"""Functional building blocks (pure functions over explicit param dicts; leaves are arrays or quantized pytrees).
+
+Einsum letter legend used across hlwq_jax.nn:
+  b batch, t/s query/key positions, d model width, f MLP/expert width, h heads, k kv heads, g q heads per kv head,
+  e experts, c chunks, l/q positions inside a chunk, p Mamba head dim, n SSM state size, r groups (Mamba B/C).
+
+Modules: norms (RMSNorm, grouped gated RMSNorm), attention (causal GQA + KV cache), mlp (relu2 / SwiGLU / GeGLU),
+mamba2 (Mamba2 mixer), moe (sigmoid-router MoE).
+"""
