@@ -33,15 +33,18 @@ def codebook_values(bits: int, codebook) -> np.ndarray:
     return lloyd_max_codebook(bits, codebook)
 
 
-def check_weight(w, name: str | None, ndims=(2, 3)) -> None:
-    """Raise ValueError for wrong rank or non-finite values, naming the tensor."""
-    label = f"tensor {name!r}" if name else "weight"
+def _label(name: str | None) -> str:
+    return f"tensor {name!r}" if name else "weight"
+
+
+def check_weight(w, name: str | None, ndims=(2, 3), check_finite: bool = True) -> None:
+    """Raise ValueError for wrong rank, empty dimensions or (optionally) non-finite values, naming the tensor."""
     if w.ndim not in ndims:
-        raise ValueError(f"{label}: expected a matrix [out, in] or stacked experts [E, out, in], got shape {tuple(w.shape)}")
+        raise ValueError(f"{_label(name)}: expected a matrix [out, in] or stacked experts [E, out, in], got shape {tuple(w.shape)}")
     if w.shape[-1] == 0 or w.shape[-2] == 0:
-        raise ValueError(f"{label}: empty dimension in shape {tuple(w.shape)}")
-    if not bool(jnp.all(jnp.isfinite(w))):
-        raise ValueError(f"{label} contains NaN or Inf values")
+        raise ValueError(f"{_label(name)}: empty dimension in shape {tuple(w.shape)}")
+    if check_finite and not bool(jnp.all(jnp.isfinite(w))):
+        raise ValueError(f"{_label(name)} contains NaN or Inf values")
 
 
 def _check_args(bits: int, block_size: int, codebook: str, rotation: str) -> None:
@@ -56,8 +59,10 @@ def _check_args(bits: int, block_size: int, codebook: str, rotation: str) -> Non
 
 @functools.partial(jax.jit, static_argnames=("bits", "block_size", "uniform", "rotate"))
 def _quantize_jit(w, codebook, signs, *, bits: int, block_size: int, uniform: bool, rotate: bool):
-    """w [*lead, out, in] → (packed uint8 [*lead, out, bytes], norms fp16 [*lead, out, n_blocks])."""
+    """w [*lead, out, in] → (packed uint8 [*lead, out, bytes], norms fp16 [*lead, out, n_blocks],
+    finite: bool[] — w had no NaN/Inf, status: bool[] — every stored scale fits float16)."""
     *lead, out, n_in = w.shape
+    finite = jnp.all(jnp.isfinite(w))
     n_blocks = -(-n_in // block_size)
     wf = w.astype(jnp.float32)
     if n_blocks * block_size != n_in:
@@ -74,7 +79,8 @@ def _quantize_jit(w, codebook, signs, *, bits: int, block_size: int, uniform: bo
         scale = r * a
     codes = nearest_code(z, codebook, bits)
     packed = packing.pack_codes(codes.reshape(*lead, out, n_blocks * block_size), bits)
-    return packed, scale.astype(jnp.float16)
+    norms = scale.astype(jnp.float16)
+    return packed, norms, finite, jnp.all(jnp.isfinite(norms))
 
 
 def nearest_code(z: jax.Array, codebook: jax.Array, bits: int) -> jax.Array:
@@ -110,15 +116,18 @@ def quantize(w, bits: int = 5, block_size: int = 128, codebook: str = "converged
     """
     _check_args(bits, block_size, codebook, rotation)
     w = jnp.asarray(w)
-    check_weight(w, name)
+    check_weight(w, name, check_finite=False)  # finiteness is checked inside the jitted pass (one sync)
     cb = codebook_values(bits, codebook).astype(np.float32)
     n_pad = -(-w.shape[-1] // block_size) * block_size
     signs = jnp.asarray(hadamard.random_signs(n_pad, seed)) if rotation == "random-hadamard" else None
-    packed, norms = _quantize_jit(w, jnp.asarray(cb), signs, bits=bits, block_size=block_size,
-                                  uniform=(isinstance(codebook, str) and codebook == "uniform"),
-                                  rotate=(rotation != "none"))
-    if bool(jnp.any(jnp.isinf(norms))):
-        raise ValueError(f"tensor {name!r}: a block norm exceeds the float16 range ({_FP16_MAX}); rescale the weight")
+    packed, norms, finite, norms_ok = _quantize_jit(
+        w, jnp.asarray(cb), signs, bits=bits, block_size=block_size,
+        uniform=(isinstance(codebook, str) and codebook == "uniform"), rotate=(rotation != "none"))
+    finite, norms_ok = jax.device_get((finite, norms_ok))
+    if not finite:
+        raise ValueError(f"{_label(name)} contains NaN or Inf values")
+    if not norms_ok:
+        raise ValueError(f"{_label(name)}: a block norm exceeds the float16 range ({_FP16_MAX}); rescale the weight")
     return HLWQArray(packed=packed, norms=norms, codebook=jnp.asarray(cb), bits=bits, block_size=block_size,
                      shape=tuple(int(d) for d in w.shape), rotation=rotation, seed=seed,
                      codebook_name=codebook if isinstance(codebook, str) else "custom")
