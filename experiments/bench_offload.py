@@ -1,0 +1,323 @@
+"""Batch-1 decode through host-offloaded expert caches vs all-resident experts (Nemotron-H shapes, random weights).
+
+    PYTHONPATH=. python3 experiments/bench_offload.py --config configs/offload_h200.toml --out $OUT/offload.jsonl \
+        --trace $OUT/offload_trace.jsonl                                     # H200, MoE layers only, < 4 min
+    PYTHONPATH=. python3 experiments/bench_offload.py --config configs/offload_h200_full.toml --out $OUT/full.jsonl
+                                                                            # H200, full 52-layer model
+    python -m experiments.bench_offload --out results/offload.jsonl --plot results/offload.png --plot-only
+    python -m experiments.bench_offload --tiny --out /tmp/offload_tiny.jsonl    # CPU smoke (add --model full)
+
+Two models (``model`` in the config):
+- ``moe_only``: the 23 MoE layers of Nemotron-3-Nano-30B-A3B at real shapes (128 experts, up 1856×2688 + down
+  2688×1856, relu², sigmoid top-6 router, scale 2.5) with pre-RMS-norm residuals — no Mamba/attention/shared
+  expert: isolates the cache. All-resident baselines: one jitted call per token (primary) and the cached loop's
+  per-layer calls without the cache ("eager", the bit-exact reference).
+- ``full``: the whole hybrid model (``models.nemotron_h``, random weights, KV + SSM caches) driven through
+  ``offload.nemotron.OffloadedNemotronH``; all-resident baseline: the same segmented forward with every expert on the
+  device (``offload=None``; the bit-exact reference); with ``full_one_jit`` also ``models.nemotron_h.forward`` as one
+  jit (primary then; compiling the 52-layer model twice per bank precision takes minutes).
+The host banks hold ``unique_experts`` distinct random expert tensors repeated over all layer×expert entries (same
+bytes moved per miss; generating 58.75 GB of distinct random numbers would take minutes).
+
+Each run appends JSON lines (resolved config, git SHA, jax version, device, metrics) to ``--out``. Every cached run
+checks that its outputs equal the all-resident reference bit for bit (``exact``). Derived: effective cost per miss = (ms/token at cache C −
+ms/token of the same cached loop with no misses) / misses per token, next to the raw PCIe time of one expert.
+
+What random-weight hit rates mean: a random router spreads tokens nearly uniformly over experts, so LRU hits ≈ C/E
+— the pessimistic end. They do NOT predict hit rates on real text, where routing is skewed and temporally local
+(published real-trace LRU hit rates at C = E/2 are ~70–80%, Belady 5–12 points higher). The timings per miss and the
+no-miss overhead are what transfer to real models; for real hit rates, record a trace from a trained model and
+replay it (python -m experiments.replay_trace).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+
+import jax
+import numpy as np
+
+from hlwq_jax.offload import policy as P
+from hlwq_jax.offload import trace as T
+from hlwq_jax.offload.harness import FullModelHarness, MoEOnlyHarness
+
+CAVEAT = ("random weights route near-uniformly: hit rates here are ~C/E (pessimistic) and do not represent real-text "
+          "routing; per-miss cost and no-miss overhead do transfer to real models")
+RAW_PCIE_MS = {"bf16": 0.37, "q5": 0.127}  # measured one-expert host->device times on the H200 (docs/offload.md)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    model: str = "moe_only"  # "moe_only" | "full"
+    layers: int = 23  # moe_only: MoE layers; full: taken from the model config
+    experts: int = 128
+    hidden: int = 2688
+    inter: int = 1856
+    top_k: int = 6
+    tiny_model: bool = False  # full: a tiny Nemotron-H config instead of Nano-30B (CPU smoke)
+    full_one_jit: bool = False  # full: also time models.nemotron_h.forward as one jit (slow to compile) as baseline
+    slots: tuple[int, ...] = (8, 16, 32, 64)
+    banks: tuple[str, ...] = ("bf16", "q5")
+    policies: tuple[str, ...] = ("lru",)
+    prefetch: tuple[bool, ...] = (False,)
+    prompt: int = 8  # full: prefill length before decoding
+    tokens: int = 32
+    warmup: int = 16
+    unique_experts: int = 8
+    q_block: int = 128
+    replay_policies: tuple[str, ...] = P.POLICIES
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls, model: str = "moe_only") -> "BenchConfig":
+        return cls(model=model, layers=2, experts=8, hidden=64, inter=48, top_k=2, tiny_model=True, slots=(2, 4),
+                   prompt=3, tokens=4, warmup=2, unique_experts=3, q_block=32)
+
+    @classmethod
+    def load(cls, path: str) -> "BenchConfig":
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - fields)
+        if bad:
+            raise ValueError(f"{path}: unknown key(s) {bad}; known: {sorted(fields)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def device_memory() -> dict:
+    stats = jax.devices()[0].memory_stats() or {}
+    return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use") if k in stats}
+
+
+def time_steps(step, n: int, warmup: int):
+    """Run step(i) for i < n, blocking per token (batch-1 decode is sequential). Returns median and mean ms over the
+    post-warm-up tokens and their outputs (host numpy)."""
+    times, outs = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        y = jax.block_until_ready(step(i))
+        times.append(time.perf_counter() - t0)
+        if i >= warmup:
+            outs.append(np.asarray(y))
+    return float(np.median(times[warmup:]) * 1e3), float(np.mean(times[warmup:]) * 1e3), outs
+
+
+def measure_cached(h, cfg, slots, policy, prefetch, restricted=False):
+    """Warm up, then time ``cfg.tokens`` decode tokens; stats cover the timed tokens only."""
+    step, moe = h.cached(slots, policy, prefetch, restricted)
+    moe.caches[0].precompile()  # install shapes are shared by all layers
+    n = cfg.warmup + cfg.tokens
+    t_warm = []
+
+    def timed(i):
+        if i == cfg.warmup:
+            t_warm.append(moe.stats())
+        return step(i)
+
+    med, mean, outs = time_steps(timed, n, cfg.warmup)
+    end = moe.stats()
+    st = [dataclasses.replace(b, **{f.name: getattr(b, f.name) - getattr(a, f.name)
+                                    for f in dataclasses.fields(b)}) for a, b in zip(t_warm[0], end)]
+    return med, mean, outs, st, device_memory()
+
+
+def exact(outs, ref) -> bool:
+    return len(outs) == len(ref) and all(np.array_equal(a, b) for a, b in zip(outs, ref))
+
+
+def bench_precision(cfg, precision, key, meta, recorder) -> list[dict]:
+    rows, t0 = [], time.perf_counter()
+    h = (MoEOnlyHarness if cfg.model == "moe_only" else FullModelHarness)(cfg, precision, key)
+    pinned = sum(b.nbytes for b in h.banks)
+    ebytes = h.banks[0].expert_nbytes
+    n_layers, top_k = len(h.banks), h.top_k
+    print(f"[{precision}] {n_layers} banks: {pinned / 1e9:.2f} GB pinned host, {ebytes / 1e6:.2f} MB/expert, "
+          f"setup {time.perf_counter() - t0:.1f} s", flush=True)
+    n = cfg.warmup + cfg.tokens
+    ref = {}
+    for restricted in (False, True):
+        name = "restricted" if restricted else "random"
+        variants = {}
+        for vname, step, is_ref in h.resident(restricted):
+            ms, _, outs = time_steps(step, n, cfg.warmup)
+            variants[vname] = ms
+            if is_ref:
+                ref[name] = outs
+        primary = next(iter(variants))
+        rows.append({**meta, "kind": "resident", "bank": precision, "routing": name, "baseline": primary,
+                     "ms_per_token": variants[primary], "tok_s": 1e3 / variants[primary],
+                     "ms_per_token_variants": variants, "device_memory": device_memory(),
+                     "pinned_host_bytes": pinned})
+        print(f"[{precision}] all-resident {name}: " + ", ".join(f"{k} {v:.2f} ms/tok" for k, v in variants.items()),
+              flush=True)
+    del step
+    if recorder is not None:
+        h.record(recorder)
+    h.drop_resident()
+    c0 = min(cfg.slots)
+    nomiss_ms, _, outs, st, mem = measure_cached(h, cfg, c0, "lru", False, restricted=True)
+    miss = sum(s.misses for s in st)
+    rows.append({**meta, "kind": "nomiss", "bank": precision, "slots": c0, "ms_per_token": nomiss_ms,
+                 "tok_s": 1e3 / nomiss_ms, "misses": miss, "exact": exact(outs, ref["restricted"]),
+                 "resident_over_cached": rows[1]["ms_per_token"] / nomiss_ms, "device_memory": mem,
+                 "pinned_host_bytes": pinned})
+    print(f"[{precision}] cached C={c0}, no misses ({miss}): {nomiss_ms:.2f} ms/tok; resident / cached = "
+          f"{rows[-1]['resident_over_cached']:.3f}", flush=True)
+    for slots in cfg.slots:
+        for policy in cfg.policies:
+            for prefetch in cfg.prefetch:
+                if not top_k <= slots <= h.n_experts:
+                    continue
+                med, mean, outs, st, mem = measure_cached(h, cfg, slots, policy, prefetch)
+                acc = sum(s.hits + s.misses for s in st)
+                miss = sum(s.misses for s in st)
+                mpt = miss / cfg.tokens
+                cost = (med - nomiss_ms) / mpt if mpt else float("nan")
+                rows.append({**meta, "kind": "decode", "bank": precision, "slots": slots, "policy": policy,
+                             "prefetch": prefetch, "ms_per_token": med, "ms_per_token_mean": mean, "tok_s": 1e3 / med,
+                             "accesses": acc, "misses": miss, "hit_rate": 1 - miss / acc, "misses_per_token": mpt,
+                             "bytes_moved": sum(s.bytes_moved for s in st),
+                             "transfers": sum(s.transfers for s in st), "wait_s": sum(s.wait_s for s in st),
+                             "prefetched": sum(s.prefetched for s in st), "exact": exact(outs, ref["random"]),
+                             "eff_ms_per_miss": cost, "raw_pcie_ms_per_miss": RAW_PCIE_MS.get(precision),
+                             "expert_bytes": ebytes, "slot_bytes": n_layers * slots * ebytes,
+                             "device_memory": mem, "pinned_host_bytes": pinned, "note": CAVEAT})
+                r = rows[-1]
+                print(f"[{precision}] C={slots:>3} {policy}{' +prefetch' if prefetch else ''}: {med:7.2f} ms/tok "
+                      f"({1e3 / med:6.1f} tok/s), hit {r['hit_rate']:.3f}, {mpt:.1f} misses/tok, {cost:.3f} ms/miss "
+                      f"(raw {RAW_PCIE_MS.get(precision)}), exact={r['exact']}",
+                      flush=True)
+    return rows
+
+
+def replay_rows(cfg, records, meta) -> list[dict]:
+    """Hit rates of every policy on the recorded trace, counted over the timed tokens only (the prompt and the
+    warm-up tokens warm the caches), like the measured rows."""
+    rows = []
+    start = cfg.warmup + (cfg.prompt if cfg.model == "full" else 0)
+    k = max(len(r.experts) for r in records)
+    for slots in cfg.slots:
+        for policy in cfg.replay_policies:
+            if slots < k:
+                continue
+            layers = T.replay_records(records, policy, slots, count_from_pos=start)
+            acc = sum(r.accesses for r in layers)
+            mis = sum(r.misses for r in layers)
+            rows.append({**meta, "kind": "replay", "slots": slots, "policy": policy, "accesses": acc, "misses": mis,
+                         "hit_rate": 1 - mis / acc, "note": CAVEAT})
+    return rows
+
+
+# ---- output --------------------------------------------------------------------------------------------------------
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def append_jsonl(path: str, rows: list[dict]) -> None:
+    """Append atomically: old content + new rows to a temp file, then os.replace."""
+    old = open(path).read() if os.path.exists(path) else ""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".bench-", dir=d)
+    with os.fdopen(fd, "w") as f:
+        f.write(old + "".join(json.dumps(r) + "\n" for r in rows))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def plot(path_jsonl: str, path_png: str) -> None:
+    """Tokens/s and hit rate vs cache size from the JSON lines (decode, resident and replay rows)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(path_jsonl) if line.strip()]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for bank in sorted({r["bank"] for r in rows if r["kind"] == "decode"}):
+        for r in rows:
+            if r["kind"] == "resident" and r["bank"] == bank and r["routing"] == "random":
+                a1.axhline(r["tok_s"], ls="--", lw=1, color="k" if bank == "bf16" else "gray",
+                           label=f"all-resident {bank} ({r['config']['model']}, {r['baseline']})")
+        for pol, pf in sorted({(r["policy"], r["prefetch"]) for r in rows if r["kind"] == "decode"}):
+            d = sorted((r for r in rows if r["kind"] == "decode" and r["bank"] == bank and r["policy"] == pol
+                        and r["prefetch"] == pf), key=lambda r: r["slots"])
+            lab = f"{bank} {pol}{' +prefetch' if pf else ''}"
+            a1.plot([r["slots"] for r in d], [r["tok_s"] for r in d], "o--" if pf else "o-", label=lab)
+            if not pf:
+                a2.plot([r["slots"] for r in d], [r["hit_rate"] for r in d], "o-", label=f"measured {lab}")
+    for pol in sorted({r["policy"] for r in rows if r["kind"] == "replay"}):
+        d = sorted((r for r in rows if r["kind"] == "replay" and r["policy"] == pol), key=lambda r: r["slots"])
+        a2.plot([r["slots"] for r in d], [r["hit_rate"] for r in d], ".:", label=f"replay {pol}")
+    a1.set(xlabel="cache slots per layer", ylabel="decode tokens/s (batch 1)")
+    a2.set(xlabel="cache slots per layer", ylabel="hit rate (random weights!)")
+    slots = sorted({r["slots"] for r in rows if r["kind"] == "decode"})
+    for a in (a1, a2):
+        a.set_xscale("log", base=2)
+        a.set_xticks(slots, [str(c) for c in slots])
+        a.legend(fontsize=7)
+        a.grid(alpha=0.3)
+    fig.suptitle("Expert offload at Nemotron-H shapes, random weights (hit rates ~C/E, not real-text rates)",
+                 fontsize=9)
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path_png))
+    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=d)
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path_png)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", help="TOML file with BenchConfig fields (configs/offload_*.toml)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke shapes (overrides --config)")
+    ap.add_argument("--model", choices=("moe_only", "full"), help="override the config's model")
+    ap.add_argument("--out", required=True, help="JSON-lines results file (appended)")
+    ap.add_argument("--trace", help="write the routing trace (first bank precision, all tokens) here")
+    ap.add_argument("--plot", help="draw tokens/s and hit rate vs cache size from --out into this PNG")
+    ap.add_argument("--plot-only", action="store_true", help="only draw --plot from an existing --out")
+    a = ap.parse_args(argv)
+    if a.plot_only:
+        if not a.plot:
+            raise ValueError("--plot-only needs --plot")
+        plot(a.out, a.plot)
+        return 0
+    cfg = BenchConfig.tiny() if a.tiny else (BenchConfig.load(a.config) if a.config else BenchConfig())
+    if a.model:
+        cfg = dataclasses.replace(cfg, model=a.model)
+    if cfg.model not in ("moe_only", "full") or cfg.unique_experts < 1 or cfg.tokens < 1 or cfg.warmup < 1:
+        raise ValueError(f"config: model must be moe_only|full, unique_experts, tokens and warmup >= 1 (got {cfg})")
+    meta = {"config": dataclasses.asdict(cfg), "git_sha": git_sha(), "jax": jax.__version__,
+            "device": str(jax.devices()[0].device_kind), "model": cfg.model}
+    print(f"bench_offload on {meta['device']}: {cfg}\nnote: {CAVEAT}", flush=True)
+    key = jax.random.PRNGKey(cfg.seed)
+    recorder = T.TraceRecorder() if (a.trace or cfg.replay_policies) else None
+    t0 = time.perf_counter()
+    for i, precision in enumerate(cfg.banks):
+        key, kp = jax.random.split(key)
+        append_jsonl(a.out, bench_precision(cfg, precision, kp, meta, recorder if i == 0 else None))
+        gc.collect()  # release this precision's pinned bank and device slots before the next one
+    if recorder is not None and recorder.records():
+        if a.trace:
+            recorder.write(a.trace)
+        append_jsonl(a.out, replay_rows(cfg, recorder.records(), meta))
+    if a.plot:
+        plot(a.out, a.plot)
+    print(f"done in {time.perf_counter() - t0:.1f} s -> {a.out}", flush=True)
+    print(f"note: {CAVEAT}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Per-layer device expert cache: C device slots fed from a host bank, consulted by a pure-Python policy.
+
+Flow of one MoE layer call (``cached_moe``):
+  1. read the routed ids [T, k] to the host (one sync per layer);
+  2. split the tokens into groups whose expert union fits in C slots (one group unless C is too small: prefill,
+     batches) — never drop an expert;
+  3. per group: one policy access step on the union (policy.py's counting rule), all misses fetched in ONE
+     ``device_put`` (or taken from a prefetch), installed with a jitted scatter that donates the slot buffers;
+  4. the routed FFN runs on the slot buffers with ids mapped through the expert→slot map; with several groups each
+     pass runs on all T tokens (same shapes as the all-resident call) and ``where`` keeps a token's result from its
+     own group — so the output equals the all-resident output bit for bit (same function, same shapes).
+Letters: T tokens, k experts per token, C slots, E experts, D hidden, F expert intermediate size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hlwq_jax.offload import policy as P
+from hlwq_jax.offload.bank import _Bank
+from hlwq_jax.nn.moe import moe_experts
+
+
+# ---- the routed expert FFN (same kernel for cache and all-resident) ------------------------------------------------
+@jax.jit
+def routed_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: dict) -> jax.Array:
+    """The model's routed experts, ``hlwq_jax.nn.moe.moe_experts(impl="gather")``, in ExpertsFn argument order.
+
+    x [T, D]; ids int32 [T, k] index the leading axis of ``experts["up_proj"]`` [N, F, D] and
+    ``experts["down_proj"]`` [N, D, F] (arrays or HLWQArrays; N = E all-resident or C slots); weights [T, k].
+    Returns float32 [T, D]. Only the T·k selected rows are read, and the shapes do not depend on N — so a slot
+    buffer gives bit-identical results to the full stack.
+    """
+    return moe_experts(experts, x, ids, weights, impl="gather")
+
+
+# ---- cache of one layer ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LayerStats:
+    """Per-layer counters. steps: access steps (= token groups); hits / misses: policy.py's counting rule;
+    transfers: device_put calls; bytes_moved: host→device bytes, prefetches included (used or wasted);
+    prefetched: misses served by a prefetch; prefetch_wasted: prefetched experts never used. ``wait_s``: host time
+    blocked in the routing-id read and, with ``sync_timing``, on transfers; ``transfer_s``: dispatch-to-ready time
+    of transfers (only measured with ``sync_timing``)."""
+    steps: int = 0
+    groups: int = 0
+    hits: int = 0
+    misses: int = 0
+    transfers: int = 0
+    bytes_moved: int = 0
+    prefetched: int = 0
+    prefetch_wasted: int = 0
+    wait_s: float = 0.0
+    transfer_s: float = 0.0
+
+    def add(self, other: "LayerStats") -> "LayerStats":
+        return LayerStats(**{f.name: getattr(self, f.name) + getattr(other, f.name)
+                             for f in dataclasses.fields(self)})
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _install(buffers, slots, new):
+    """buffers: tuple of [C, ...]; slots int32 [M]; new: tuple (per field) of tuples of M arrays. In place."""
+    return tuple(b.at[slots].set(jnp.stack(n).astype(b.dtype)) for b, n in zip(buffers, new))
+
+
+class LayerCache:
+    """C device slots of one MoE layer backed by ``bank``; eviction by the named policy."""
+
+    def __init__(self, bank: _Bank, slots: int, policy: str = "lru", *, sync_timing: bool = False, **policy_kw):
+        if not 1 <= slots <= bank.n_experts:
+            raise ValueError(f"cache slots {slots} outside [1, {bank.n_experts}] (the bank's expert count)")
+        self.bank, self.slots, self.sync_timing = bank, int(slots), sync_timing
+        self.policy = P.make_policy(policy, slots, **policy_kw)
+        self.slot_of: dict[int, int] = {}
+        self.free = list(range(slots))
+        self.buffers = tuple(bank.empty_slots(slots))
+        self.stats = LayerStats()
+        self._staged: dict[int, list[jax.Array]] = {}
+
+    def slot_map(self) -> np.ndarray:
+        """int32 [E]: slot of each resident expert, −1 for the others."""
+        m = np.full(self.bank.n_experts, -1, np.int32)
+        for e, s in self.slot_of.items():
+            m[e] = s
+        return m
+
+    def weights(self) -> dict:
+        """The slot buffers as a weight dict with leading dimension C (feed to the routed FFN with slot ids)."""
+        return self.bank.build(self.buffers, self.slots)
+
+    def prefetch(self, experts: Sequence[int]) -> int:
+        """Start ONE transfer of the predicted experts that are neither resident nor staged; they are installed
+        (and counted as misses) only if a later ``ensure`` needs them. Returns the number of experts staged."""
+        want = [int(e) for e in dict.fromkeys(experts) if e not in self.slot_of and e not in self._staged]
+        for e, arrs in zip(want, self.bank.fetch(want)):
+            self._staged[e] = arrs
+        if want:
+            self.stats.transfers += 1
+            self.stats.bytes_moved += len(want) * self.bank.expert_nbytes
+        return len(want)
+
+    def ensure(self, experts: Sequence[int]) -> None:
+        """One access step: make all ``experts`` (distinct, ≤ C) resident at once."""
+        r = self.policy.access(experts)
+        self.stats.steps += 1
+        self.stats.hits += len(r.hits)
+        self.stats.misses += len(r.misses)
+        for e in r.evicted:
+            self.free.append(self.slot_of.pop(e))
+        if not r.misses:
+            return
+        slots = [self.free.pop() for _ in r.misses]
+        for e, s in zip(r.misses, slots):
+            self.slot_of[e] = s
+        staged = [e for e in r.misses if e in self._staged]
+        cold = [e for e in r.misses if e not in self._staged]
+        t0 = time.perf_counter()
+        fetched = dict(zip(cold, self.bank.fetch(cold)))
+        if cold:
+            self.stats.transfers += 1
+            self.stats.bytes_moved += len(cold) * self.bank.expert_nbytes
+        for e in staged:
+            fetched[e] = self._staged.pop(e)
+        self.stats.prefetched += len(staged)
+        if self.sync_timing:
+            jax.block_until_ready([fetched[e] for e in cold])
+            dt = time.perf_counter() - t0
+            self.stats.transfer_s += dt
+            self.stats.wait_s += dt
+        self._install(list(r.misses), slots, fetched)
+
+    def _install(self, misses, slots, fetched):
+        m = len(misses)
+        pad = (1 << (m - 1).bit_length()) - m  # pad M to a power of two (repeat the last pair) to bound retraces
+        order = misses + [misses[-1]] * pad
+        idx = jnp.asarray(slots + [slots[-1]] * pad, jnp.int32)
+        new = tuple(tuple(fetched[e][i] for e in order) for i in range(len(self.buffers)))
+        self.buffers = _install(self.buffers, idx, new)
+
+    def precompile(self) -> None:
+        """Compile the install scatter for every padded miss count (powers of two ≤ C) before timing; only on an
+        empty cache (it writes zeros into the slots)."""
+        if self.slot_of:
+            raise ValueError("precompile() needs an empty cache")
+        zeros = self.bank.empty_slots(1)
+        m = 1
+        while m <= self.slots:
+            new = tuple(tuple(z[0] for _ in range(m)) for z in zeros)
+            self.buffers = _install(self.buffers, jnp.arange(m, dtype=jnp.int32), new)
+            m *= 2
+        jax.block_until_ready(self.buffers)
+
+    def drop_staged(self) -> None:
+        """Forget unused prefetches (counted in ``prefetch_wasted``)."""
+        self.stats.prefetch_wasted += len(self._staged)
+        self._staged.clear()
+
+
+def plan_groups(ids: np.ndarray, slots: int) -> list[np.ndarray]:
+    """Greedy split of tokens (in order) into groups whose expert union has ≤ ``slots`` experts.
+
+    ids int [T, k] -> list of token-index arrays covering every token exactly once. A token alone needing more than
+    ``slots`` experts raises ValueError.
+    """
+    ids = np.asarray(ids)
+    groups, cur, union = [], [], set()
+    for t in range(ids.shape[0]):
+        need = set(int(e) for e in ids[t])
+        if len(need) > slots:
+            raise ValueError(f"token {t} routes to {len(need)} distinct experts but the cache has {slots} slots")
+        if len(union | need) > slots:
+            groups.append(np.asarray(cur, np.int64))
+            cur, union = [], set()
+        cur.append(t)
+        union |= need
+    if cur:
+        groups.append(np.asarray(cur, np.int64))
+    return groups
+
+
+ExpertsFn = Callable[[jax.Array, jax.Array, jax.Array, dict], jax.Array]
+
+
+def cached_moe(cache: LayerCache, x: jax.Array, ids, weights: jax.Array,
+               experts_fn: ExpertsFn = routed_experts, *, host_ids: np.ndarray | None = None,
+               before_compute: Callable[[], object] | None = None) -> jax.Array:
+    """Routed experts of one layer through ``cache``; equal to ``experts_fn(x, ids, weights, all_resident)``.
+
+    x [T, D]; ids int [T, k] (device or host); weights [T, k]. ``host_ids`` skips the device→host read when the
+    caller already has the ids on the host. ``before_compute`` runs once after the first group's misses are issued
+    and before any expert compute is dispatched (the prefetch hook: transfers issued there overlap the compute).
+    """
+    if host_ids is None:
+        t0 = time.perf_counter()
+        host_ids = np.asarray(ids)
+        cache.stats.wait_s += time.perf_counter() - t0
+    host_ids = np.asarray(host_ids)
+    if host_ids.ndim != 2 or host_ids.size == 0 or host_ids.min() < 0 or host_ids.max() >= cache.bank.n_experts:
+        raise ValueError(f"routed ids must be int [T, k] in [0, {cache.bank.n_experts}), got shape {host_ids.shape} "
+                         f"range [{host_ids.min(initial=0)}, {host_ids.max(initial=0)}]")
+    groups = plan_groups(host_ids, cache.slots)
+    cache.stats.groups += len(groups)
+    y = None
+    for g in groups:
+        cache.ensure(list(dict.fromkeys(int(e) for e in host_ids[g].reshape(-1))))
+        if before_compute is not None:
+            before_compute()
+            before_compute = None
+        smap = cache.slot_map()
+        sid = smap[host_ids]
+        if len(groups) == 1:
+            return experts_fn(x, jnp.asarray(sid), weights, cache.weights())
+        mask = np.zeros(host_ids.shape[0], bool)
+        mask[g] = True
+        sid[~mask] = 0  # other tokens compute garbage on slot 0; ``where`` discards it
+        yg = experts_fn(x, jnp.asarray(sid), weights, cache.weights())
+        m = jnp.asarray(mask)[:, None]
+        y = jnp.where(m, yg, jnp.zeros_like(yg) if y is None else y)
+    return y

@@ -1,0 +1,207 @@
+"""Benchmark harnesses for experiments/bench_offload.py: random-weight models with host expert banks.
+
+Both harnesses expose: ``banks``, ``top_k``, ``n_experts``; ``resident(restricted) -> [(name, step, is_reference)]``
+(all-resident variants; the first is the primary baseline, the reference one uses the cached path's exact calls);
+``cached(slots, policy, prefetch, restricted) -> (step, OffloadedMoE)``; ``record(recorder)``; ``drop_resident()``. ``step(i)`` decodes token i (i = 0 starts a fresh sequence) and returns its output.
+``restricted`` adds a +100 selection bias to experts [0, min slots) in every router, so routing stays inside the
+smallest cache (the no-miss measurement).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hlwq_jax.models import nemotron_h as nh
+from hlwq_jax.offload.bank import HostBank, split_layer
+from hlwq_jax.offload.expert_cache import routed_experts
+from hlwq_jax.offload.moe_stack import (OffloadConfig, OffloadedMoE, eager_resident_step, moe_only_decode_step,
+                                        resident_decode_step, route_layer)
+from hlwq_jax.offload.nemotron import OffloadedNemotronH
+from hlwq_jax.quant.hlwq import quantize
+
+
+def build_banks(n_layers: int, n_experts: int, hidden: int, inter: int, precision: str, key, *, unique: int,
+                q_block: int = 128) -> list[HostBank]:
+    """One pinned-host bank per layer whose entries cycle over ``unique`` random experts
+    ({"up_proj" [F, D], "down_proj" [D, F]}, bf16 or HLWQ Q5)."""
+    k1, k2 = jax.random.split(key)
+    up = (jax.random.normal(k1, (unique, inter, hidden), jnp.float32) / np.sqrt(hidden)).astype(jnp.bfloat16)
+    down = (jax.random.normal(k2, (unique, hidden, inter), jnp.float32) / np.sqrt(inter)).astype(jnp.bfloat16)
+    if precision == "q5":
+        weights = {"up_proj": quantize(up, bits=5, block_size=q_block),
+                   "down_proj": quantize(down, bits=5, block_size=q_block)}
+    elif precision == "bf16":
+        weights = {"up_proj": up, "down_proj": down}
+    else:
+        raise ValueError(f"unknown bank precision {precision!r} (bf16 | q5)")
+    specs, arrays, layout, _ = split_layer(weights)
+    dev = jax.devices()[0]
+    host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+    nf, banks = len(specs), []
+    for l in range(n_layers):
+        flat = [arrays[i][(l * n_experts + e) % unique] for e in range(n_experts) for i in range(nf)]
+        placed = jax.device_put(flat, host)  # numpy -> pinned host, one call per layer
+        per_expert = [placed[e * nf:(e + 1) * nf] for e in range(n_experts)]
+        banks.append(HostBank.from_fields(specs, {k: dict(v) for k, v in layout.items()}, per_expert, device=dev))
+    jax.block_until_ready([b._fields for b in banks])
+    return banks
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal(key, shape, dtype, scale):
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def random_dense_params(config: nh.NemotronHConfig, key, dtype=jnp.bfloat16) -> dict:
+    """Random parameters of every leaf except the routed experts (compiled once per distinct shape)."""
+    counter = iter(range(1 << 30))
+
+    def leaf(name, sds):
+        k = jax.random.fold_in(key, next(counter))
+        if name == "A_log":
+            return jnp.log(jax.random.uniform(k, sds.shape, jnp.float32, 1.0, 16.0))
+        if name == "dt_bias":
+            dt = jnp.exp(jax.random.uniform(k, sds.shape, jnp.float32, np.log(1e-3), np.log(0.1)))
+            return dt + jnp.log(-jnp.expm1(-dt))
+        if name in ("norm", "norm_f", "D"):
+            return jnp.ones(sds.shape, sds.dtype)
+        return _normal(k, sds.shape, sds.dtype, 0.02 if len(sds.shape) == 1 else float(1 / np.sqrt(sds.shape[-1])))
+
+    def walk(t, name=""):
+        if isinstance(t, dict):
+            return {k: walk(v, k) for k, v in t.items() if k != "experts"}
+        if isinstance(t, (list, tuple)):
+            return [walk(v, name) for v in t]
+        return leaf(name, t)
+
+    return walk(nh.abstract_params(config, dtype))
+
+
+def _restrict_bias(bias, n):
+    return bias.at[:n].add(100.0)
+
+
+class MoEOnlyHarness:
+    """The MoE layers alone (moe_stack's stand-in model); inputs: random hidden states [1, D]."""
+
+    def __init__(self, cfg, precision: str, key):
+        kb, kr, kx = jax.random.split(key, 3)
+        self.cfg, self.top_k, self.n_experts = cfg, cfg.top_k, cfg.experts
+        self.banks = build_banks(cfg.layers, cfg.experts, cfg.hidden, cfg.inter, precision, kb,
+                                 unique=cfg.unique_experts, q_block=cfg.q_block)
+        self.routers = []
+        for k in jax.random.split(kr, cfg.layers):
+            gate = jax.random.normal(k, (cfg.experts, cfg.hidden), jnp.float32) / np.sqrt(cfg.hidden)
+            self.routers.append((gate.astype(jnp.bfloat16), jnp.zeros(cfg.experts, jnp.float32)))
+        self.restricted = [(g, _restrict_bias(b, min(cfg.slots))) for g, b in self.routers]
+        n = cfg.warmup + cfg.tokens
+        self.xs = [x[None] for x in jax.random.normal(kx, (n, cfg.hidden), jnp.bfloat16)]
+        self.full = [b.all_resident() for b in self.banks]
+
+    def _routers(self, restricted):
+        return self.restricted if restricted else self.routers
+
+    def resident(self, restricted):
+        rt, k = self._routers(restricted), self.top_k
+        return [("one_jit", lambda i: resident_decode_step(self.full, rt, self.xs[i], k=k), False),
+                ("eager", lambda i: eager_resident_step(self.full, rt, self.xs[i], k), True)]
+
+    def cached(self, slots, policy, prefetch, restricted=False):
+        moe = OffloadedMoE(self.banks, OffloadConfig(slots=slots, policy=policy, prefetch=prefetch))
+        rt = self._routers(restricted)
+        return (lambda i: moe_only_decode_step(moe, rt, self.xs[i], self.top_k)), moe
+
+    def record(self, recorder):
+        for pos, x in enumerate(self.xs):
+            y = None
+            for l, ((gate, bias), wl) in enumerate(zip(self.routers, self.full)):
+                x, h, ids, w = route_layer(x, y, gate, bias, k=self.top_k)
+                recorder.record("bench", "decode", pos, l, np.asarray(ids), np.asarray(w))
+                y = routed_experts(h, ids, w, wl)
+
+    def drop_resident(self):
+        self.full = None
+
+
+class FullModelHarness:
+    """The whole Nemotron-H (Nano-30B shapes, or a tiny config) with random weights; prefill ``cfg.prompt`` tokens at
+    step 0, then one token per step, teacher-forced with fixed random tokens (identical inputs for every run)."""
+
+    def __init__(self, cfg, precision: str, key):
+        if cfg.warmup < 1:
+            raise ValueError("full-model bench: warmup must be >= 1 (step 0 includes the prefill)")
+        if cfg.tiny_model:
+            self.config = nh.NemotronHConfig.from_hf(
+                nh.NANO_30B_HF, vocab_size=128, hidden_size=cfg.hidden, layer_types="ME*E", num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16,
+                n_groups=2, chunk_size=8, n_routed_experts=cfg.experts, num_experts_per_tok=cfg.top_k,
+                moe_intermediate_size=cfg.inter, moe_shared_expert_intermediate_size=2 * cfg.inter)
+        else:
+            self.config = nh.NemotronHConfig.from_hf(nh.NANO_30B_HF)
+        c = self.config
+        self.cfg, self.top_k, self.n_experts = cfg, c.num_experts_per_tok, c.n_routed_experts
+        self.moe_layers = [i for i, t in enumerate(c.layer_types) if t == "E"]
+        kp, kb, kt = jax.random.split(key, 3)
+        self.params = random_dense_params(c, kp)
+        self.banks = build_banks(len(self.moe_layers), c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
+                                 precision, kb, unique=cfg.unique_experts, q_block=cfg.q_block)
+        n = cfg.prompt + cfg.warmup + cfg.tokens
+        self.tokens = np.asarray(jax.random.randint(kt, (1, n), 0, c.vocab_size, jnp.int32))
+        self.restricted_params = self._with_bias(self.params, min(cfg.slots))
+        self.full = self._with_experts(self.params, [b.all_resident() for b in self.banks])
+        self._fwd = jax.jit(nh.forward, static_argnums=0, static_argnames="moe_impl")
+
+    def _with_bias(self, params, n):
+        layers = list(params["layers"])
+        for i in self.moe_layers:
+            mixer = dict(layers[i]["mixer"], router_bias=_restrict_bias(layers[i]["mixer"]["router_bias"], n))
+            layers[i] = dict(layers[i], mixer=mixer)
+        return dict(params, layers=layers)
+
+    def _with_experts(self, params, experts):
+        layers = list(params["layers"])
+        for i, ex in zip(self.moe_layers, experts):
+            layers[i] = dict(layers[i], mixer=dict(layers[i]["mixer"], experts=ex))
+        return dict(params, layers=layers)
+
+    def _stepper(self, forward):
+        c, p0 = self.config, self.cfg.prompt
+        state = {}
+
+        def step(i):
+            if i == 0:
+                cache = nh.init_cache(c, 1, self.tokens.shape[1], jnp.bfloat16)
+                _, state["cache"] = forward(jnp.asarray(self.tokens[:, :p0]), cache, "prefill")
+            logits, state["cache"] = forward(jnp.asarray(self.tokens[:, p0 + i:p0 + i + 1]), state["cache"], "decode")
+            return logits
+
+        return step
+
+    def resident(self, restricted):
+        full = self._with_bias(self.full, min(self.cfg.slots)) if restricted else self.full
+        seg = OffloadedNemotronH(self.config, full, None)
+        out = [("segmented", self._stepper(lambda toks, cache, phase: seg.forward(toks, cache)), True)]
+        if self.cfg.full_one_jit:
+            out.insert(0, ("one_jit", self._stepper(lambda toks, cache, phase: self._fwd(self.config, full, toks,
+                                                                                             cache)), False))
+        return out
+
+    def cached(self, slots, policy, prefetch, restricted=False, recorder=None):
+        params = self.restricted_params if restricted else self.params
+        off = OffloadedNemotronH(self.config, params, OffloadConfig(slots=slots, policy=policy, prefetch=prefetch),
+                                 banks=self.banks, recorder=recorder)
+        trace = recorder is not None
+        return self._stepper(lambda toks, cache, phase: off.forward(
+            toks, cache, trace=("bench", phase) if trace else None)), off.moe
+
+    def record(self, recorder):
+        step, _ = self.cached(max(s for s in self.cfg.slots if s <= self.n_experts), "lru", False,
+                              recorder=recorder)
+        for i in range(self.cfg.warmup + self.cfg.tokens):
+            step(i)
+
+    def drop_resident(self):
+        self.full = None

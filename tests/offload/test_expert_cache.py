@@ -1,0 +1,193 @@
+"""Expert cache mechanics: exact equality with the all-resident call (every cache size, overflow included),
+transfer accounting, prefetch, disk bank, quantized bank, and a float64 numpy oracle for the routed FFN."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from hlwq_jax.offload.bank import DiskBank, HostBank
+from hlwq_jax.offload.expert_cache import LayerCache, cached_moe, plan_groups, routed_experts
+from hlwq_jax.quant.hlwq import quantize
+
+E, D, F, K, T = 8, 32, 24, 2, 5
+
+
+def make_weights(seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    up = rng.standard_normal((E, F, D)).astype(np.float32) / np.sqrt(D)
+    down = rng.standard_normal((E, D, F)).astype(np.float32) / np.sqrt(F)
+    return {"up_proj": jnp.asarray(up, dtype), "down_proj": jnp.asarray(down, dtype)}
+
+
+def routing(rng, t=T):
+    ids = np.stack([rng.choice(E, K, replace=False) for _ in range(t)]).astype(np.int32)
+    w = rng.uniform(0.1, 1.0, (t, K)).astype(np.float32)
+    return ids, w
+
+
+def numpy_moe(x, ids, w, up, down):
+    """float64 oracle: y[t] = Σ_j w[t,j] · down_e relu(up_e x[t])²."""
+    x, up, down = (np.asarray(a, np.float64) for a in (x, up, down))
+    y = np.zeros((x.shape[0], down.shape[1]))
+    for t in range(x.shape[0]):
+        for j, e in enumerate(ids[t]):
+            y[t] += w[t, j] * down[e] @ (np.maximum(up[e] @ x[t], 0) ** 2)
+    return y
+
+
+def test_routed_ffn_matches_float64_oracle(rng):
+    wts = make_weights()
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    ids, w = routing(rng)
+    got = routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), wts)
+    want = numpy_moe(x, ids, w, wts["up_proj"], wts["down_proj"])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
+def test_plan_groups_covers_and_fits():
+    ids = np.array([[0, 1], [2, 3], [0, 2], [4, 5], [6, 7], [1, 0]])
+    g = plan_groups(ids, 4)
+    assert [list(x) for x in g] == [[0, 1, 2], [3, 4], [5]]
+    assert plan_groups(ids, 8) and len(plan_groups(ids, 8)) == 1
+    with pytest.raises(ValueError, match="3 distinct experts"):
+        plan_groups(np.array([[0, 1, 2]]), 2)
+
+
+_BANKS = {}
+
+
+def bank_for(dtype_name):
+    if dtype_name not in _BANKS:
+        _BANKS[dtype_name] = HostBank(make_weights(1, getattr(jnp, dtype_name)))
+    return _BANKS[dtype_name]
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), policy=st.sampled_from(["lru", "lfru", "lfru-fork", "lfu"]))
+def test_cache_equals_all_resident_every_size(dtype_name, seed, policy):
+    bank = bank_for(dtype_name)
+    full = bank.all_resident()
+    rng = np.random.default_rng(seed)
+    calls = [routing(rng, t=T) for _ in range(3)]
+    xs = [jnp.asarray(rng.standard_normal((len(i), D)), getattr(jnp, dtype_name)) for i, _ in calls]
+    want = [routed_experts(x, jnp.asarray(i), jnp.asarray(w), full) for x, (i, w) in zip(xs, calls)]
+    for slots in range(K, E + 1):
+        cache = LayerCache(bank, slots, policy)
+        for x, (i, w), ref in zip(xs, calls, want):
+            got = cached_moe(cache, x, jnp.asarray(i), jnp.asarray(w))
+            assert got.dtype == ref.dtype
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(ref), err_msg=f"slots={slots}")
+        if slots == K:  # T tokens with 2 experts each on 2 slots: some call must be split into token groups
+            assert cache.stats.groups > len(calls) and cache.stats.misses > 0
+
+
+def test_transfer_accounting(monkeypatch):
+    bank = bank_for("float32")
+    calls = []
+    real = jax.device_put
+
+    def spy(x, *a, **kw):
+        calls.append(len(x) if isinstance(x, list) else 1)
+        return real(x, *a, **kw)
+
+    cache = LayerCache(bank, 4, "lru")
+    monkeypatch.setattr(jax, "device_put", spy)
+    x = jnp.ones((1, D), jnp.float32)
+    w = jnp.ones((1, K), jnp.float32)
+    cached_moe(cache, x, jnp.asarray([[0, 1]]), w)
+    assert calls == [2 * 2]  # one call: 2 experts × 2 fields
+    cached_moe(cache, x, jnp.asarray([[1, 0]]), w)
+    assert calls == [4]  # all hits: no transfer
+    cached_moe(cache, x, jnp.asarray([[2, 3]]), w)
+    cached_moe(cache, x, jnp.asarray([[4, 0]]), w)  # evicts 1 (LRU), one expert moved
+    assert calls == [4, 4, 2]
+    s = cache.stats
+    assert (s.hits, s.misses, s.transfers) == (3, 5, 3)
+    assert s.bytes_moved == 5 * bank.expert_nbytes == 5 * 2 * F * D * 4
+    assert set(np.flatnonzero(cache.slot_map() >= 0)) == {0, 2, 3, 4}
+
+
+def test_overflow_prefill_groups_exact(rng):
+    bank = bank_for("float32")
+    full = bank.all_resident()
+    ids = np.stack([np.roll(np.arange(E), -2 * t)[:K] for t in range(6)]).astype(np.int32)  # union = all 8
+    ids = np.concatenate([ids, ids[::-1]])
+    x = jnp.asarray(rng.standard_normal((len(ids), D)), jnp.float32)
+    w = jnp.asarray(rng.uniform(size=ids.shape), jnp.float32)
+    cache = LayerCache(bank, K, "lru")
+    got = cached_moe(cache, x, jnp.asarray(ids), w)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(routed_experts(x, jnp.asarray(ids), w, full)))
+    assert cache.stats.groups == len(ids) - 1  # tokens 5 and 6 share experts {2, 3}: one group
+
+
+def test_prefetch_used_and_wasted():
+    bank = bank_for("float32")
+    cache = LayerCache(bank, 4, "lru")
+    assert cache.prefetch([0, 1, 5]) == 3
+    assert cache.prefetch([0]) == 0  # already staged
+    before = cache.stats.transfers
+    x, w = jnp.ones((1, D), jnp.float32), jnp.ones((1, K), jnp.float32)
+    got = cached_moe(cache, x, jnp.asarray([[0, 1]]), w)
+    assert cache.stats.transfers == before and cache.stats.prefetched == 2 and cache.stats.misses == 2
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(
+        routed_experts(x, jnp.asarray([[0, 1]]), w, bank.all_resident())))
+    cache.drop_staged()
+    assert cache.stats.prefetch_wasted == 1
+
+
+def test_bank_memory_kind_and_errors():
+    bank = bank_for("bfloat16")
+    assert bank._fields[0][0].sharding.memory_kind == "pinned_host"
+    assert bank.expert_nbytes == 2 * F * D * 2
+    with pytest.raises(ValueError, match="outside"):
+        bank.fetch([E])
+    with pytest.raises(ValueError, match="stacked"):
+        HostBank({"up_proj": jnp.zeros((F, D))})
+    with pytest.raises(ValueError, match="experts, expected"):
+        HostBank({"up_proj": jnp.zeros((E, F, D)), "down_proj": jnp.zeros((E + 1, D, F))})
+    with pytest.raises(ValueError, match="memory kind"):
+        HostBank(make_weights(), memory_kind="hbm")
+    with pytest.raises(ValueError, match="slots"):
+        LayerCache(bank, E + 1)
+    cache = LayerCache(bank, 2)
+    with pytest.raises(ValueError, match="routed ids"):
+        cached_moe(cache, jnp.ones((1, D), jnp.bfloat16), jnp.asarray([[0, E]]), jnp.ones((1, K)))
+    assert cache.policy.accesses == 0  # rejected before the policy saw it
+
+
+def test_disk_bank_matches_host_bank(tmp_path, rng):
+    wts = make_weights(2, jnp.bfloat16)
+    DiskBank.save(tmp_path / "bank", wts)
+    disk, host = DiskBank(tmp_path / "bank"), HostBank(wts)
+    ids, w = routing(rng)
+    x = jnp.asarray(rng.standard_normal((T, D)), jnp.bfloat16)
+    a = cached_moe(LayerCache(disk, 3), x, jnp.asarray(ids), jnp.asarray(w))
+    b = cached_moe(LayerCache(host, 3), x, jnp.asarray(ids), jnp.asarray(w))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    (tmp_path / "bank" / "field0.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="field0.bin"):
+        DiskBank(tmp_path / "bank")
+    with pytest.raises(ValueError, match="manifest"):
+        DiskBank(tmp_path)
+
+
+def test_quantized_bank_exact_and_close_to_dequantized(rng, tmp_path):
+    wts = make_weights(3)
+    q = {k: quantize(v, bits=5, block_size=8) for k, v in wts.items()}
+    bank = HostBank(q)
+    assert bank.expert_nbytes < HostBank(wts).expert_nbytes / 3
+    full = bank.all_resident()
+    ids, w = routing(rng, t=6)
+    x = jnp.asarray(rng.standard_normal((6, D)), jnp.float32)
+    ref = routed_experts(x, jnp.asarray(ids), jnp.asarray(w), full)
+    for slots in (K, 5, E):
+        got = cached_moe(LayerCache(bank, slots), x, jnp.asarray(ids), jnp.asarray(w))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    deq = {k: np.asarray(v.dequantize(jnp.float32)) for k, v in q.items()}
+    np.testing.assert_allclose(np.asarray(ref), numpy_moe(x, ids, w, deq["up_proj"], deq["down_proj"]),
+                               rtol=1e-4, atol=1e-4)
+    DiskBank.save(tmp_path / "qbank", q)
+    got = cached_moe(LayerCache(DiskBank(tmp_path / "qbank"), 3), x, jnp.asarray(ids), jnp.asarray(w))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))

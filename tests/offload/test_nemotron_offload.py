@@ -1,0 +1,100 @@
+"""Offloaded Nemotron-H: every cache size (overflowing prefill included) gives the resident logits bit for bit;
+close to models.nemotron_h.forward; prefetch and tracing do not change results."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hlwq_jax.ckpt.safetensors_io import tree_from_paths, tree_paths
+from hlwq_jax.models import nemotron_h as nh
+from hlwq_jax.offload import trace as T
+from hlwq_jax.offload.moe_stack import OffloadConfig
+from hlwq_jax.offload.nemotron import OffloadedNemotronH, trace_generation
+
+E, K = 8, 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = nh.NemotronHConfig.from_hf(
+        nh.NANO_30B_HF, vocab_size=64, hidden_size=32, layer_types="ME*E-E", num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2,
+        chunk_size=4, n_routed_experts=E, num_experts_per_tok=K, moe_intermediate_size=16,
+        moe_shared_expert_intermediate_size=24, intermediate_size=24)
+    return cfg, init_params_numpy(cfg)
+
+
+def init_params_numpy(cfg):
+    """Random parameters like nh.init_params, drawn with numpy (no per-leaf compiles: fast on CPU)."""
+    rng = np.random.default_rng(0)
+    paths = tree_paths(nh.abstract_params(cfg, jnp.float32))
+    vals = {}
+    for path, sds in paths.items():
+        name = path.rsplit(".", 1)[-1]
+        if name == "A_log":
+            v = np.log(rng.uniform(1, 16, sds.shape))
+        elif name == "dt_bias":
+            dt = np.exp(rng.uniform(np.log(1e-3), np.log(0.1), sds.shape))
+            v = dt + np.log(-np.expm1(-dt))
+        elif name in ("norm", "norm_f", "D"):
+            v = np.ones(sds.shape)
+        else:
+            v = rng.standard_normal(sds.shape) * (0.02 if len(sds.shape) == 1 else 1 / np.sqrt(sds.shape[-1]))
+        vals[path] = jnp.asarray(v, sds.dtype)
+    return tree_from_paths(nh.abstract_params(cfg, jnp.float32), vals)
+
+
+def run(cfg, params, slots, prompt, steps, **kw):
+    off = OffloadedNemotronH(cfg, params, OffloadConfig(slots=slots, **kw.pop("ocfg", {})), **kw)
+    cache = nh.init_cache(cfg, 1, prompt.shape[1] + steps, jnp.float32)
+    logits, cache = off.forward(prompt, cache, trace=("p", "prefill"))
+    outs = [logits]
+    for _ in range(steps):
+        tok = jnp.argmax(outs[-1][:, -1], -1)[:, None].astype(jnp.int32)
+        logits, cache = off.forward(tok, cache, trace=("p", "decode"))
+        outs.append(logits)
+    return outs, off
+
+
+@pytest.mark.parametrize("sizes", [pytest.param((K,), id="default"),
+                                   pytest.param(tuple(range(K, E)), id="all", marks=pytest.mark.slow)])
+def test_cache_sizes_exact(model, tmp_path, sizes):
+    cfg, params = model
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (1, 6), 0, cfg.vocab_size).astype(jnp.int32)
+    rec = T.TraceRecorder()
+    ref, _ = run(cfg, params, E, prompt, 3, recorder=rec)
+    if len(sizes) > 1:  # compiling the one-jit model forward is slow on CPU: slow tier only
+        logits, _ = nh.forward(cfg, params, prompt, moe_impl="gather")
+        np.testing.assert_allclose(np.asarray(ref[0]), np.asarray(logits), rtol=1e-4, atol=1e-4)
+    overflowed = False
+    for slots in sizes:
+        outs, off = run(cfg, params, slots, prompt, 3, ocfg={"prefetch": slots == K})
+        for a, b in zip(outs, ref):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"slots={slots}")
+        st = off.moe.stats()
+        overflowed |= any(s.groups > 4 for s in st)  # 4 forwards per layer; more groups = an overflow split
+        if slots == K:
+            assert sum(s.prefetched for s in st) + sum(s.prefetch_wasted for s in st) > 0
+    assert overflowed  # some prefill at small caches needed several token groups
+    rec.write(tmp_path / "t.jsonl")
+    recs = T.read_trace(tmp_path / "t.jsonl")
+    assert len(recs) == (6 + 3) * 3 and {r.phase for r in recs} == {"prefill", "decode"}
+    assert [r.pos for r in recs if r.layer == 0] == list(range(9))
+
+
+def test_resident_mode_traces_a_plain_run(model, tmp_path):
+    """offload=None keeps experts in params: same logits as a cache, and its trace replays to the cache's misses."""
+    cfg, params = model
+    prompt = jax.random.randint(jax.random.PRNGKey(2), (1, 6), 0, cfg.vocab_size).astype(jnp.int32)
+    rec_res, rec_off = T.TraceRecorder(), T.TraceRecorder()
+    res = OffloadedNemotronH(cfg, params, None, recorder=rec_res)
+    off = OffloadedNemotronH(cfg, params, OffloadConfig(slots=4), recorder=rec_off)
+    a = trace_generation(res, prompt, 3, "q", jnp.float32)
+    b = trace_generation(off, prompt, 3, "q", jnp.float32)
+    np.testing.assert_array_equal(a, b)
+    assert rec_res.records() == rec_off.records()
+    T.write_trace(tmp_path / "q.jsonl", rec_res.records())
+    dec = T.replay_records(T.read_trace(tmp_path / "q.jsonl"), "lru", 4, phase="decode")
+    assert len(dec) == 3 and all(r.accesses == 3 * K for r in dec)
+    with pytest.raises(ValueError, match="recorder"):
+        trace_generation(OffloadedNemotronH(cfg, params, None), prompt, 1, "q")
