@@ -1,0 +1,1 @@
+"""Command-line tools: hlwq-quantize, hlwq-dequantize."""
