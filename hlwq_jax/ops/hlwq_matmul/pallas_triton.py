@@ -1,0 +1,334 @@
+"""Fused code-lookup HLWQ matmul as Pallas kernels lowered through Triton (GPU), or run in interpret mode (CPU).
+
+Every kernel streams the bit planes of ``HLWQPlanes`` (layout.py), rebuilds each code with shifts and masks, looks it
+up in the 2^b-entry table c/√B (a gather from a 2^b·4-byte array: one cache line at ≤ 5 bits, so it is served by L1)
+and applies one norm per (row, 128-code chunk). The activations are rotated beforehand (rotate.py; one small dot).
+
+Three paths, chosen by the token count M (``plan``; the config makes the thresholds explicit):
+  "fma"     M ≤ fma_max_m: GEMV-style kernel, grid over output tiles, CUDA-core multiply-adds, one pass over the
+            weights; the regime where bytes decide (decode).
+  "dot"     fma_max_m < M < dequant_min_m: grid (output tiles, token tiles); the dequantised [bn, 128] tile goes to
+            the tensor cores (tl.dot) against [bm, 128] activations.
+  "dequant" M ≥ dequant_min_m: a Pallas kernel writes r·c[code]/√B in bf16 once, then an XLA (cuBLAS) dot; at this
+            size the extra pass costs a few per cent of the matmul.
+Why Triton rather than Mosaic GPU: the table lookup is a pointer gather, which Mosaic GPU cannot lower (it would need
+a 2^b-way select chain per code); on the H200 the select chain costs 1.65× (4 bits) to 2.5× (5 bits) the gather.
+Status (results/bench_hlwq_matmul.md): correct everywhere, but on the H200 the GEMV is 4–5× *slower* than XLA's bf16
+GEMV — bounded by Triton's shared-memory layout conversions between the unpacked codes and the gathered table loads,
+not by bytes. ``unpack="lanes"`` is a conversion-free variant, not yet timed on the GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, repack
+from hlwq_jax.ops.hlwq_matmul.rotate import rotate_activations
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasConfig:
+    fma_max_m: int = 4
+    dequant_min_m: int = 1024
+    block_n_fma: int = 64  # output rows per program (divides 128); 64 beat 128 on the H200 (results/)
+    warps_fma: int = 4
+    stages_fma: int = 1
+    block_m_dot: int = 64  # token rows per program (power of two ≥ 16)
+    block_n_dot: int = 128
+    warps_dot: int = 4
+    stages_dot: int = 1
+    block_n_deq: int = 64
+    warps_deq: int = 4
+    unroll: int = 3  # chunks per loop iteration, statically unrolled so their loads are in flight together
+    min_programs: int = 528  # split the 128-column chunks over programs (partial sums) until the grid has this many
+    lookup: str = "gather"  # "gather" (table load) | "select" (2^b-way where chain: what Mosaic GPU would need)
+    unpack: str = "join"  # fma path: "lanes" (per-lane word loads, no layout conversions) | "join" (register splits)
+
+
+def plan(m: int, config: PallasConfig) -> str:
+    """Which kernel path runs for M tokens: "fma" | "dot" | "dequant"."""
+    if m <= config.fma_max_m:
+        return "fma"
+    return "dequant" if m >= config.dequant_min_m else "dot"
+
+
+def split_chunks(n_chunks: int, base_programs: int, min_programs: int) -> int:
+    """Number of chunk groups (a divisor of n_chunks): the fewest that give base·groups ≥ min_programs."""
+    for d in range(1, n_chunks + 1):
+        if n_chunks % d == 0 and base_programs * d >= min_programs:
+            return d
+    return n_chunks
+
+
+def largest_divisor_at_most(n: int, k: int) -> int:
+    return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
+
+
+def check_can_run(interpret: bool) -> None:
+    if not interpret and jax.default_backend() != "gpu":
+        raise RuntimeError(f"impl='pallas' needs a GPU (default backend is {jax.default_backend()!r}); "
+                           "pass interpret=True to run the kernel in Pallas interpret mode on the CPU")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ---- in-kernel building blocks ---------------------------------------------------------------------------------
+def field_mask(width: int, positions) -> int:
+    """uint32 mask with ``width``-bit fields at the given bit positions."""
+    return sum(((1 << width) - 1) << pos for pos in positions)
+
+
+def _join(lo, hi):
+    """[bn, n] × 2 → [bn, 2n] with lo, hi interleaved (Triton join + reshape: stays in registers)."""
+    return jnp.stack([lo, hi], axis=-1).reshape(lo.shape[0], 2 * lo.shape[1])
+
+
+def unpack_chunk(plane_refs, widths, lead, r0, bn, c):
+    """int32 codes [bn, 128] of chunk c for rows [r0, r0 + bn); ``lead`` indexes leading (expert) axes (layout.py)."""
+    b0 = widths[0]
+    nw = 4 * b0  # base words per row and chunk
+    x = plane_refs[0][(*lead, pl.ds(r0, bn), pl.ds(pl.multiple_of(c * nw, nw), nw))]  # [bn, 4 b0] uint32
+    m1 = field_mask(b0, range(0, 32, 2 * b0))
+    lo, hi = x & m1, (x >> b0) & m1  # even / odd fields, now 2·b0 apart
+    width = b0
+    if len(widths) > 1:  # OR the extra high bits in right above each field
+        e = widths[1]
+        ne, g = 4 * e, b0 // e
+        y = plane_refs[1][(*lead, pl.ds(r0, bn), pl.ds(pl.multiple_of(c * ne, ne), ne))]  # [bn, 4 e]
+        sh = e * g // 2
+        while sh >= e:  # expand to one word per base word: word G·u + s holds y[u] >> e·s
+            y = _join(y, y >> sh)
+            sh //= 2
+        y = y & field_mask(e, range(0, 32, b0))  # high bits of field f at bit b0·f
+        m1e = field_mask(e, range(b0, 32, 2 * b0))
+        lo, hi = lo | ((y << b0) & m1e), hi | (y & m1e)
+        width = b0 + e
+    x = _join(lo, hi)
+    d = 2 * b0
+    while x.shape[-1] < CHUNK:
+        m = field_mask(width, range(0, 32, 2 * d))
+        last = 2 * x.shape[-1] == CHUNK  # two fields left per word, at 0 and d: the high one needs no mask
+        x = _join(x & m, x >> d if last else (x >> d) & m)
+        d *= 2
+    return x.astype(jnp.int32)
+
+
+def _bitrev_vec(r, n_bits: int):
+    """Bit-reverse the low n_bits of an int32 array (a few ops on a [128, 1] vector per chunk)."""
+    f = jnp.zeros_like(r)
+    for i in range(n_bits):
+        f = f | (((r >> i) & 1) << (n_bits - 1 - i))
+    return f
+
+
+def unpack_chunk_lanes(plane_refs, widths, lead, r0, bn, c, zero):
+    """int32 codes [128, bn] of chunk c (column k along axis 0, output row along axis 1); layout.py's layout.
+
+    Every code is read with its own word load (lanes of a warp run along k, so a warp touches 16 bytes of a base
+    plane and 4 of an extra plane), shifted and masked per element. ``zero`` (a runtime 0) hides the column
+    arithmetic from Triton's contiguity analysis so the plane loads and the table gather get the same
+    one-element-per-lane layout: no shared-memory layout conversion anywhere in the GEMV."""
+    b0 = widths[0]
+    f0 = 32 // b0
+    l0 = f0.bit_length() - 1
+    k = lax.broadcasted_iota(jnp.int32, (CHUNK, 1), 0) ^ zero
+    rows = jnp.broadcast_to(r0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1), (CHUNK, bn))
+    w = k >> l0  # base word of column k inside the chunk
+    f = _bitrev_vec(k & (f0 - 1), l0)  # its field
+    cols = jnp.broadcast_to(c * (4 * b0) + w, (CHUNK, bn))
+    word = plane_refs[0][(*lead, rows, cols)].astype(jnp.uint32)  # [128, bn]
+    code = (word >> (b0 * f).astype(jnp.uint32)) & ((1 << b0) - 1)
+    if len(widths) > 1:
+        e = widths[1]
+        g = b0 // e
+        cols_e = jnp.broadcast_to(c * (4 * e) + w // g, (CHUNK, bn))
+        word_e = plane_refs[1][(*lead, rows, cols_e)].astype(jnp.uint32)
+        sh = (e * (g * f + w % g)).astype(jnp.uint32)
+        code = code | (((word_e >> sh) & ((1 << e) - 1)) << b0)
+    return code.astype(jnp.int32)
+
+
+def lookup(table_ref, code, n_levels: int, mode: str):
+    """table[code] as float32 [bn, 128]: a gather from the table ref, or a select chain over the levels."""
+    if mode == "gather":
+        return table_ref[code]
+    if mode != "select":
+        raise ValueError(f"unknown lookup mode {mode!r}")
+    vals = jnp.zeros(code.shape, jnp.float32) + table_ref[0]
+    for i in range(1, n_levels):
+        vals = jnp.where(code == i, table_ref[i], vals)
+    return vals
+
+
+def chunk_loop(first, n, unroll, body, init):
+    """Run body(c, carry) for c in [first, first + n), ``unroll`` chunks per fori_loop iteration (static)."""
+    def step(i, carry):
+        for u in range(unroll):
+            carry = body(first + i * unroll + u, carry)
+        return carry
+    return lax.fori_loop(0, n // unroll, step, init)
+
+
+# ---- kernels ---------------------------------------------------------------------------------------------------
+def _fma_kernel(zero_ref, x_ref, norms_ref, table_ref, *refs, widths, bn, m_rows, group, unroll, cpb, mode,
+                unpack):
+    """x_ref f32 [M, padded_in]; norms_ref f16 [n_blocks, rows]; o_ref [n_groups, M, rows] (partial sums)."""
+    *plane_refs, o_ref = refs
+    r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
+    g = pl.program_id(1)
+    rows = pl.ds(r0, bn)
+    lanes = unpack == "lanes"
+    zero = zero_ref[0]
+
+    def body(c, accs):
+        if lanes:  # [128, bn]; accumulate elementwise, reduce over k once at the end
+            vals = lookup(table_ref, unpack_chunk_lanes(plane_refs, widths, (), r0, bn, c, zero), table_ref.shape[0], mode)
+            vals = vals * norms_ref[c // cpb, rows].astype(jnp.float32)[None, :]
+        else:
+            vals = lookup(table_ref, unpack_chunk(plane_refs, widths, (), r0, bn, c), table_ref.shape[0], mode)
+            nrm = norms_ref[c // cpb, rows].astype(jnp.float32)  # [bn]
+        out = []
+        for m in range(m_rows):
+            xm = x_ref[m, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)]  # [128]
+            if lanes:
+                out.append(accs[m] + vals * xm[:, None])
+            else:
+                out.append(accs[m] + jnp.sum(vals * xm[None, :], axis=1) * nrm)
+        return tuple(out)
+
+    shape = (CHUNK, bn) if lanes else (bn,)
+    init = tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_rows))
+    accs = chunk_loop(g * group, group, unroll, body, init)
+    for m in range(m_rows):
+        acc = jnp.sum(accs[m], axis=0) if lanes else accs[m]
+        o_ref[g, m, rows] = acc.astype(o_ref.dtype)
+
+
+def _dot_kernel(x_ref, norms_ref, table_ref, *refs, widths, bm, bn, group, unroll, cpb, precision, mode):
+    """x_ref [Mp, padded_in] (bf16 or f32); o_ref [n_groups, Mp, rows]; grid (rows / bn, n_groups, Mp / bm)."""
+    *plane_refs, o_ref = refs
+    r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
+    g = pl.program_id(1)
+    rows = pl.ds(r0, bn)
+    toks = pl.ds(pl.multiple_of(pl.program_id(2) * bm, bm), bm)
+
+    def body(c, acc):
+        vals = lookup(table_ref, unpack_chunk(plane_refs, widths, (), r0, bn, c), table_ref.shape[0], mode)
+        xs = x_ref[toks, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)]  # [bm, 128]
+        part = lax.dot_general(xs, vals.astype(x_ref.dtype), (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32, precision=precision)  # [bm, bn]
+        return acc + part * norms_ref[c // cpb, rows].astype(jnp.float32)[None, :]
+
+    acc = chunk_loop(g * group, group, unroll, body, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[g, toks, rows] = acc.astype(o_ref.dtype)
+
+
+def _dequant_kernel(norms_ref, table_ref, *refs, widths, bn, cpb):
+    """o_ref [rows, padded_in] = r · c[code] / √B (rotated domain); grid (rows / bn, n_chunks)."""
+    *plane_refs, o_ref = refs
+    r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
+    c = pl.program_id(1)
+    vals = table_ref[unpack_chunk(plane_refs, widths, (), r0, bn, c)]
+    vals = vals * norms_ref[c // cpb, pl.ds(r0, bn)].astype(jnp.float32)[:, None]
+    o_ref[pl.ds(r0, bn), pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)] = vals.astype(o_ref.dtype)
+
+
+# ---- pallas_call wrappers --------------------------------------------------------------------------------------
+def _params(warps, stages):
+    return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+def _reduce_groups(y, out_dtype):
+    """[n_groups, M, rows] partial sums → [M, rows] (one small XLA fusion; none when there is one group)."""
+    return y[0] if y.shape[0] == 1 else jnp.sum(y, axis=0).astype(out_dtype)
+
+
+def fma_call(xr, p: HLWQPlanes, out_dtype, config: PallasConfig, interpret: bool):
+    """xr f32 [M, padded_in] → [M, rows]."""
+    m = xr.shape[0]
+    bn = config.block_n_fma
+    if config.unpack == "lanes":  # the [128, bn] accumulators live in registers: shrink the tile for M > 1
+        bn = max(16, bn // _next_pow2(m))
+    n_groups = split_chunks(p.n_chunks, p.rows // bn, config.min_programs)
+    group = p.n_chunks // n_groups
+    kernel = functools.partial(_fma_kernel, widths=p.widths, bn=bn, m_rows=m, group=group,
+                               unroll=largest_divisor_at_most(group, config.unroll), cpb=p.block_size // CHUNK,
+                               mode=config.lookup, unpack=config.unpack)
+    y = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((n_groups, m, p.rows), out_dtype if n_groups == 1 else jnp.float32),
+        grid=(p.rows // bn, n_groups), compiler_params=_params(config.warps_fma, config.stages_fma),
+        interpret=interpret, name=f"hlwq_fma_q{p.bits}",
+    )(jnp.zeros((1,), jnp.int32), xr.astype(jnp.float32), p.norms_t, p.table, *p.planes)
+    return _reduce_groups(y, out_dtype)
+
+
+def dot_call(xr, p: HLWQPlanes, out_dtype, config: PallasConfig, interpret: bool):
+    """xr [M, padded_in] in the dot dtype (bf16 or f32) → [M, rows]."""
+    m = xr.shape[0]
+    bm = min(config.block_m_dot, max(16, _next_pow2(m)))
+    mp = -(-m // bm) * bm
+    if mp != m:
+        xr = jnp.pad(xr, [(0, mp - m), (0, 0)])
+    bn = config.block_n_dot
+    n_groups = split_chunks(p.n_chunks, (p.rows // bn) * (mp // bm), config.min_programs)
+    group = p.n_chunks // n_groups
+    precision = lax.Precision.HIGHEST if xr.dtype == jnp.float32 else None
+    kernel = functools.partial(_dot_kernel, widths=p.widths, bm=bm, bn=bn, group=group,
+                               unroll=largest_divisor_at_most(group, config.unroll), cpb=p.block_size // CHUNK,
+                               precision=precision, mode=config.lookup)
+    y = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((n_groups, mp, p.rows), out_dtype if n_groups == 1 else jnp.float32),
+        grid=(p.rows // bn, n_groups, mp // bm), compiler_params=_params(config.warps_dot, config.stages_dot),
+        interpret=interpret, name=f"hlwq_dot_q{p.bits}",
+    )(xr, p.norms_t, p.table, *p.planes)
+    return _reduce_groups(y, out_dtype)[:m]
+
+
+def dequant_call(p: HLWQPlanes, dtype, config: PallasConfig, interpret: bool):
+    """The rotated-domain weight r · c[code] / √B, [rows, padded_in] in ``dtype`` (2-D layouts)."""
+    bn = config.block_n_deq
+    kernel = functools.partial(_dequant_kernel, widths=p.widths, bn=bn, cpb=p.block_size // CHUNK)
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((p.rows, p.padded_in), dtype), grid=(p.rows // bn, p.n_chunks),
+        compiler_params=_params(config.warps_deq, 1), interpret=interpret, name=f"hlwq_dequant_q{p.bits}",
+    )(p.norms_t, p.table, *p.planes)
+
+
+def hlwq_matmul_pallas(x: jax.Array, w, *, config: PallasConfig = PallasConfig(), interpret: bool = False,
+                       rotated: bool = False) -> jax.Array:
+    """x [..., in] (or x̃ f32 [..., padded_in] when ``rotated``), w HLWQPlanes | HLWQArray [out, in] → [..., out].
+
+    Pass an ``HLWQPlanes`` (``layout.repack`` once, at load time) for speed: an HLWQArray is repacked on every call.
+    """
+    check_can_run(interpret)
+    p = w if isinstance(w, HLWQPlanes) else repack(w)
+    if p.ndim != 2:
+        raise ValueError(f"hlwq_matmul needs a 2-D weight [out, in], got shape {p.shape}")
+    out_dtype = x.dtype
+    lead = x.shape[:-1]
+    xr = x if rotated else rotate_activations(x, p)
+    if xr.shape[-1] != p.padded_in:
+        raise ValueError(f"rotated activations have {xr.shape[-1]} features, expected padded_in={p.padded_in}")
+    xr = xr.reshape(-1, p.padded_in)
+    m = xr.shape[0]
+    if m == 0:
+        return jnp.zeros((*lead, p.out_features), out_dtype)
+    dot_dtype = jnp.float32 if jnp.dtype(out_dtype).itemsize >= 4 else out_dtype
+    path = plan(m, config)
+    if path == "fma":
+        y = fma_call(xr, p, out_dtype, config, interpret)
+    elif path == "dot":
+        y = dot_call(xr.astype(dot_dtype), p, out_dtype, config, interpret)
+    else:
+        w_rot = dequant_call(p, dot_dtype, config, interpret)
+        y = jnp.einsum("mi,oi->mo", xr.astype(dot_dtype), w_rot, preferred_element_type=jnp.float32,
+                       precision=lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None)
+    return y[:, : p.out_features].reshape(*lead, p.out_features).astype(out_dtype)

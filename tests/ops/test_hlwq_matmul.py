@@ -1,0 +1,156 @@
+"""Shared test suite of hlwq_matmul, subclassed per implementation (reference, xla, pallas in interpret mode, and
+pallas on a GPU in the `gpu` tier). Oracle: float64 numpy dequantisation from the stated invariant (hlwq_oracle)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hlwq_oracle import dequantize_numpy, exact_weight, rel_err
+from hlwq_jax.ops.hlwq_matmul import PallasConfig, XlaConfig, hlwq_matmul, plan, repack, rotate_activations
+
+OUT, IN = 200, 300  # neither a multiple of the 64/128 output tiles nor of the 128-column chunks
+
+
+class HLWQMatmulSuite:
+    impl = "reference"
+    interpret = False
+    tol = {jnp.dtype(jnp.float32): 2e-6, jnp.dtype(jnp.bfloat16): 1e-2}
+    config = None
+
+    def run(self, x, w, config=None, **kw):
+        return hlwq_matmul(x, w, impl=self.impl, interpret=self.interpret, config=config or self.config, **kw)
+
+    def check(self, y, x, w):
+        dtype = jnp.dtype(x.dtype)
+        ref = np.asarray(x.astype(jnp.float32), np.float64) @ dequantize_numpy(w).T
+        assert y.dtype == dtype and y.shape == ref.shape
+        err = rel_err(y, ref)
+        assert err < self.tol[dtype], f"{self.impl}: rel err {err:.3e} (max abs {np.abs(np.asarray(y, np.float64) - ref).max():.3e})"
+
+    @pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])
+    def test_bits_decode(self, bits):
+        rng = np.random.default_rng(bits)
+        w = exact_weight(rng, bits, (OUT, IN))
+        x = jnp.asarray(rng.standard_normal((1, IN)), jnp.float32)
+        self.check(self.run(x, w), x, w)
+
+    @pytest.mark.parametrize("m", [3, 37])
+    def test_tokens(self, m):
+        rng = np.random.default_rng(m)
+        w = exact_weight(rng, 5, (OUT, IN))
+        x = jnp.asarray(rng.standard_normal((m, IN)), jnp.float32)
+        self.check(self.run(x, w), x, w)
+
+    @pytest.mark.parametrize("rotation", ["random-hadamard", "none"])
+    def test_rotations(self, rotation):
+        rng = np.random.default_rng(7)
+        w = exact_weight(rng, 4, (OUT, IN), rotation=rotation, seed=11)
+        x = jnp.asarray(rng.standard_normal((2, IN)), jnp.float32)
+        self.check(self.run(x, w), x, w)
+
+    def test_block_256_zero_block_and_leading_dims(self):
+        rng = np.random.default_rng(3)
+        w = exact_weight(rng, 6, (OUT, 2 * IN), block_size=256, zero_block=True)
+        x = jnp.asarray(rng.standard_normal((2, 2, 2 * IN)), jnp.float32)
+        y = self.run(x, w)
+        assert y.shape == (2, 2, OUT)
+        self.check(y.reshape(4, OUT), x.reshape(4, 2 * IN), w)
+
+    def test_bf16_activations(self):
+        rng = np.random.default_rng(5)
+        w = exact_weight(rng, 5, (OUT, IN))
+        x = jnp.asarray(rng.standard_normal((20, IN)), jnp.bfloat16)
+        self.check(self.run(x, w), x, w)
+
+    def test_errors(self):
+        rng = np.random.default_rng(0)
+        w = exact_weight(rng, 4, (OUT, IN))
+        with pytest.raises(ValueError, match="input features"):
+            self.run(jnp.ones((1, IN + 1)), w)
+        stacked = exact_weight(rng, 4, (2, OUT, IN))
+        with pytest.raises(ValueError, match="2-D"):
+            self.run(jnp.ones((1, IN)), stacked if self.impl != "pallas" else repack(stacked))
+
+
+class TestReference(HLWQMatmulSuite):
+    impl = "reference"
+
+
+class TestXla(HLWQMatmulSuite):
+    impl = "xla"
+
+    def test_shared_rotation(self):
+        rng = np.random.default_rng(9)
+        w = exact_weight(rng, 5, (OUT, IN), rotation="random-hadamard", seed=3)
+        x = jnp.asarray(rng.standard_normal((4, IN)), jnp.float32)
+        xr = rotate_activations(x, w)
+        for cfg in (XlaConfig(reduce_max_m=8), XlaConfig(reduce_max_m=0)):  # both XLA paths
+            self.check(hlwq_matmul(xr, w, impl="xla", config=cfg, rotated=True), x, w)
+
+
+class TestPallasInterpret(HLWQMatmulSuite):
+    """The Pallas kernels in interpret mode on the CPU, on HLWQPlanes (repacked) and HLWQArray inputs."""
+    impl = "pallas"
+    interpret = True
+
+    @pytest.mark.parametrize("m,config,path", [
+        (3, PallasConfig(fma_max_m=4), "fma"),
+        (3, PallasConfig(fma_max_m=2, block_m_dot=16, block_n_dot=64), "dot"),
+        (40, PallasConfig(block_m_dot=16), "dot"),  # 3 token tiles, last one partial
+        (40, PallasConfig(dequant_min_m=32), "dequant"),
+        (2, PallasConfig(min_programs=1, block_n_fma=64), "fma"),  # one chunk group: no partial sums
+        (20, PallasConfig(min_programs=1, block_m_dot=16, unroll=1), "dot"),
+    ])
+    def test_paths(self, m, config, path):
+        assert plan(m, config) == path
+        rng = np.random.default_rng(m)
+        w = exact_weight(rng, 5, (OUT, IN))
+        x = jnp.asarray(rng.standard_normal((m, IN)), jnp.float32)
+        self.check(self.run(x, repack(w), config=config), x, w)
+
+    @pytest.mark.parametrize("bits", [3, 5, 6, 8])
+    def test_lanes_unpack(self, bits):
+        """The per-lane GEMV variant (unpack="lanes"), M = 1 and M = 3 (smaller tile)."""
+        rng = np.random.default_rng(bits)
+        w = exact_weight(rng, bits, (OUT, IN))
+        for m in (1, 3):
+            x = jnp.asarray(rng.standard_normal((m, IN)), jnp.float32)
+            self.check(self.run(x, repack(w), config=PallasConfig(unpack="lanes", unroll=1)), x, w)
+
+    def test_select_lookup_and_small_tile(self):
+        rng = np.random.default_rng(2)
+        w = exact_weight(rng, 4, (OUT, IN))
+        x = jnp.asarray(rng.standard_normal((1, IN)), jnp.float32)
+        self.check(self.run(x, repack(w), config=PallasConfig(lookup="select", block_n_fma=32)), x, w)
+
+    def test_needs_gpu_or_interpret(self):
+        if jax.default_backend() == "gpu":
+            pytest.skip("a GPU is present")
+        w = exact_weight(np.random.default_rng(0), 4, (OUT, IN))
+        with pytest.raises(RuntimeError, match="needs a GPU"):
+            hlwq_matmul(jnp.ones((1, IN)), w, impl="pallas")
+
+    def test_block_64_raises(self):
+        w = exact_weight(np.random.default_rng(0), 4, (OUT, IN), block_size=64)
+        with pytest.raises(ValueError, match="multiple of 128"):
+            self.run(jnp.ones((1, IN)), w)
+
+
+@pytest.mark.gpu
+class TestPallasGpu(HLWQMatmulSuite):
+    impl = "pallas"
+    interpret = False
+    tol = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
+
+    @pytest.fixture(autouse=True)
+    def _need_gpu(self):
+        if jax.default_backend() != "gpu":
+            pytest.skip("needs a GPU")
+
+
+def test_unknown_impl():
+    w = exact_weight(np.random.default_rng(0), 4, (OUT, IN))
+    with pytest.raises(ValueError, match="unknown hlwq_matmul impl"):
+        hlwq_matmul(jnp.ones((1, IN)), w, impl="cuda")
