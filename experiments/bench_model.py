@@ -1,0 +1,231 @@
+"""Benchmark the full Nemotron-3-Nano-30B-A3B-shaped model (random weights, real shapes) on one GPU.
+
+Command (H200, jax 0.11.2 + CUDA; ~3-5 min, mostly compiles):
+    PYTHONPATH=. python3 experiments/bench_model.py --out $OUT/bench_model.json
+    PYTHONPATH=. python3 experiments/bench_model.py --tiny --out /tmp/bench_model.json      # CPU plumbing check
+Measures, for bf16 weights and for HLWQ Q5 (default Mamba-aware recipe, XLA path: hlwq_matmul / dequantize):
+  * prefill tokens/s at --prefill-len (4096) tokens, batch 1 (filling a KV / SSM cache);
+  * decode tokens/s at batch 1, 8, 64 (greedy feedback on device, KV window --context + steps);
+  Both run layer by layer (nemotron_h.forward_layerwise: a few small compiles instead of one 52-layer program per
+  shape, so the whole run fits in minutes); batch-1 decode of the --fused-decode variants is also timed as one fused
+  jitted step with donated caches (no per-layer host dispatch; one long compile).
+  * the MoE layer at prefill (T = --prefill-len tokens, random routing from random router weights): routed experts
+    (dropless "capacity" path) and the whole block vs. a dense matmul pair with the same useful FLOPs
+    ([T·k, D] @ [D, F] then [T·k, F] @ [F, D]), and the decode-time "gather" path at batch 1.
+Random weights are generated on the device (hlwq_jax.models.nemotron_h.init_params). Timing: warm-up, then the
+median over --iters runs of block_until_ready'd calls, alternating between two inputs. The JSON (--out, written
+atomically, rewritten after every section so a timeout keeps what finished) holds the config, environment and
+metrics; the table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hlwq_jax.models import nemotron_h as nh
+from hlwq_jax.nn.moe import moe, moe_experts, route
+
+TINY_HF = dict(nh.NANO_30B_HF, vocab_size=512, hidden_size=128, hybrid_override_pattern="MEM*EME",
+               num_attention_heads=4, num_key_value_heads=2, head_dim=32, mamba_num_heads=8, mamba_head_dim=16,
+               ssm_state_size=16, n_groups=2, chunk_size=16, n_routed_experts=16, num_experts_per_tok=3,
+               moe_intermediate_size=64, moe_shared_expert_intermediate_size=96)
+
+
+def _median_time(fn, inputs, iters: int, warmup: int = 2) -> float:
+    for i in range(warmup):
+        jax.block_until_ready(fn(*inputs[i % len(inputs)]))
+    ts = []
+    for i in range(iters):
+        args = inputs[i % len(inputs)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def bench_prefill(cfg, params, length: int, iters: int, key) -> dict:
+    """Batch-1 prefill of `length` tokens into fresh caches, run layer by layer (forward_layerwise)."""
+    toks = [jax.random.randint(jax.random.fold_in(key, i), (1, length), 0, cfg.vocab_size, jnp.int32)
+            for i in range(2)]
+    dtype = params["embeddings"].dtype
+
+    def run(p, t):
+        return nh.forward_layerwise(cfg, p, t, nh.init_cache(cfg, 1, length, dtype))[0]
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(params, toks[0]))
+    compile_s = time.perf_counter() - t0
+    t = _median_time(run, [(params, x) for x in toks], iters)
+    return {"seconds": t, "tokens_per_s": length / t, "first_call_s": compile_s}
+
+
+def bench_decode(cfg, params, batch: int, context: int, steps: int, key, fused: bool) -> dict:
+    """Greedy decode steps over caches of max_len = context + steps (attention reads the whole cache window, so the
+    cost does not depend on how much of it a prompt filled; the caches start empty). fused: the whole model as one
+    jitted step with the cache donated; else forward_layerwise (one jitted call per layer)."""
+    dtype = params["embeddings"].dtype
+    cache = nh.init_cache(cfg, batch, context + steps + 1, dtype)
+    tok = jax.random.randint(key, (batch, 1), 0, cfg.vocab_size, jnp.int32)
+
+    def step_fn(p, t, c):
+        lg, c = (nh.forward if fused else nh.forward_layerwise)(cfg, p, t, c)
+        return jnp.argmax(lg[:, -1:], -1).astype(jnp.int32), c
+
+    step = jax.jit(step_fn, donate_argnums=(2,)) if fused else step_fn
+    t0 = time.perf_counter()
+    tok, cache = jax.block_until_ready(step(params, tok, cache))
+    compile_s = time.perf_counter() - t0
+    for _ in range(2):                                                       # warm-up
+        tok, cache = step(params, tok, cache)
+    jax.block_until_ready(tok)
+    n = steps - 3
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok, cache = step(params, tok, cache)
+    jax.block_until_ready(tok)
+    per_step = (time.perf_counter() - t0) / n
+    return {"batch": batch, "fused": fused, "step_ms": 1e3 * per_step, "tokens_per_s": batch / per_step,
+            "first_call_s": compile_s}
+
+
+def bench_moe(cfg, params, length: int, iters: int, key) -> dict:
+    li = cfg.layer_types.index("E")
+    layer = params["layers"][li]["mixer"]
+    mc = cfg.moe
+    dtype = params["embeddings"].dtype
+    xs = [jax.random.normal(jax.random.fold_in(key, i), (length, cfg.hidden_size), dtype) for i in range(2)]
+    w, ids = jax.jit(lambda p, x: route(p, x, mc))(layer, xs[0])
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=mc.num_experts)
+    routed = jax.jit(lambda p, x: moe_experts(p["experts"], x, *route(p, x, mc)[::-1], impl="capacity",
+                                              capacity_factor=mc.capacity_factor))
+    block = jax.jit(lambda p, x: moe(p, x, mc, impl="capacity"))
+    a = length * mc.top_k
+    k1, k2 = jax.random.split(key)
+    dense_in = [jax.random.normal(jax.random.fold_in(k1, i), (a, cfg.hidden_size), dtype) for i in range(2)]
+    w_up = jax.random.normal(k2, (cfg.hidden_size, mc.expert_dim), dtype) * 0.02
+    w_dn = jax.random.normal(k2, (mc.expert_dim, cfg.hidden_size), dtype) * 0.02
+    dense = jax.jit(lambda x, u, d: (x @ u) @ d)
+    t_routed = _median_time(routed, [(layer, x) for x in xs], iters)
+    t_block = _median_time(block, [(layer, x) for x in xs], iters)
+    t_dense = _median_time(dense, [(x, w_up, w_dn) for x in dense_in], iters)
+    x1 = [x[:1] for x in xs]
+    gather = jax.jit(lambda p, x: moe(p, x, mc, impl="gather"))
+    t_gather = _median_time(gather, [(layer, x) for x in x1], iters)
+    useful = 2 * a * cfg.hidden_size * mc.expert_dim * 2
+    return {"tokens": length, "routed_ms": 1e3 * t_routed, "block_ms": 1e3 * t_block, "dense_ms": 1e3 * t_dense,
+            "routed_over_dense": t_routed / t_dense, "routed_tflops": useful / t_routed / 1e12,
+            "decode_gather_b1_ms": 1e3 * t_gather, "max_tokens_per_expert": int(counts.max()),
+            "mean_tokens_per_expert": float(counts.mean())}
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _write(path: str, obj: dict) -> None:
+    p = pathlib.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, p)
+
+
+def _table(res: dict) -> str:
+    batches = res["args"]["decode_batches"]
+    rows = [f"{'variant':8} {'weights GB':>10} {'prefill tok/s':>14} " +
+            " ".join(f"{'dec b' + str(b) + ' tok/s':>14}" for b in batches) + f" {'dec b1 fused':>13}"]
+    for name, v in res["variants"].items():
+        dec = {d["batch"]: d["tokens_per_s"] for d in v.get("decode", []) if not d["fused"]}
+        fused = [d["tokens_per_s"] for d in v.get("decode", []) if d["fused"]]
+        pre = v.get("prefill", {}).get("tokens_per_s", float("nan"))
+        rows.append(f"{name:8} {v['weight_bytes'] / 1e9:10.2f} {pre:14.0f} " +
+                    " ".join(f"{dec.get(b, float('nan')):14.1f}" for b in batches) +
+                    f" {(fused[0] if fused else float('nan')):13.1f}")
+    for name, v in res["variants"].items():
+        m = v.get("moe")
+        if m:
+            rows.append(f"MoE[{name}] T={m['tokens']}: routed {m['routed_ms']:.3f} ms, block {m['block_ms']:.3f} ms, "
+                        f"dense same-FLOPs {m['dense_ms']:.3f} ms -> routed/dense {m['routed_over_dense']:.2f}x; "
+                        f"decode gather b1 {m['decode_gather_b1_ms']:.3f} ms")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tiny", action="store_true", help="tiny config and sizes (CPU plumbing check)")
+    ap.add_argument("--variants", default="bf16,hlwq5")
+    ap.add_argument("--prefill-len", type=int, default=4096)
+    ap.add_argument("--decode-batches", default="1,8,64")
+    ap.add_argument("--decode-steps", type=int, default=20)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--fused-decode", default="bf16",
+                    help="variants whose batch-1 decode is also timed as one fused jitted step (a long compile)")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.prefill_len, args.decode_batches, args.decode_steps, args.context, args.iters = 64, "1,4", 6, 8, 2
+    batches = [int(b) for b in args.decode_batches.split(",")]
+    cfg = nh.NemotronHConfig.from_hf(TINY_HF if args.tiny else nh.NANO_30B_HF)
+    res = {"bench": "bench_model", "args": {**vars(args), "decode_batches": batches},
+           "config": dataclasses.asdict(cfg), "git_sha": _git_sha(), "jax": jax.__version__,
+           "device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
+           "param_count": nh.param_count(nh.abstract_params(cfg)), "variants": {}}
+    key = jax.random.PRNGKey(0)
+    t0 = time.perf_counter()
+    params = nh.init_params(cfg, key, jnp.bfloat16)
+    jax.block_until_ready(params)
+    res["init_s"] = time.perf_counter() - t0
+    for variant in args.variants.split(","):
+        if variant == "bf16":
+            p = params
+        elif variant.startswith("hlwq"):
+            from hlwq_jax import Recipe, quantize_params
+            t0 = time.perf_counter()
+            p, _ = quantize_params(params, Recipe.default(int(variant[4:])), with_stats=False)
+            jax.block_until_ready(p)
+            res.setdefault("quantize_s", {})[variant] = time.perf_counter() - t0
+        else:
+            raise ValueError(f"unknown variant {variant!r} (bf16 | hlwq<bits>)")
+        v = res["variants"][variant] = {"weight_bytes": nh.param_bytes(p)}
+        print(f"[{variant}] weights {v['weight_bytes'] / 1e9:.2f} GB", flush=True)
+        v["prefill"] = bench_prefill(cfg, p, args.prefill_len, args.iters, jax.random.fold_in(key, 1))
+        print(f"[{variant}] prefill {v['prefill']}", flush=True)
+        _write(args.out, res)
+        v["decode"] = []
+        fused = [(1, True)] if variant in args.fused_decode.split(",") else []
+        for b, f in [(b, False) for b in batches] + fused:
+            v["decode"].append(bench_decode(cfg, p, b, args.context, args.decode_steps, jax.random.fold_in(key, b),
+                                            fused=f))
+            print(f"[{variant}] decode {v['decode'][-1]}", flush=True)
+            _write(args.out, res)
+        v["moe"] = bench_moe(cfg, p, args.prefill_len, args.iters, jax.random.fold_in(key, 2))
+        print(f"[{variant}] moe {v['moe']}", flush=True)
+        _write(args.out, res)
+        if p is not params:
+            del p
+    res["table"] = _table(res)
+    _write(args.out, res)
+    print(res["table"])
+    return res
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,1 @@
+"""hlwq_jax.models."""

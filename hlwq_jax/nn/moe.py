@@ -1,0 +1,214 @@
+"""Mixture of experts with a sigmoid router (DeepSeek-V3 / Nemotron-H style), dropless.
+
+Public signatures:
+  MoEConfig(hidden, num_experts, top_k, expert_dim, shared_dim=0, routed_scaling=1.0, norm_topk_prob=True,
+            n_group=1, topk_group=1, capacity_factor=1.5)                                   frozen
+  moe_param_shapes(cfg) -> nested {name: shape}:
+      router [E, D], router_bias [E] (e_score_correction_bias, fp32), experts {up_proj [E, F, D], down_proj [E, D, F]},
+      shared {up_proj [Fs, D], down_proj [D, Fs]} when shared_dim > 0.
+  route(params, x, cfg) -> (weights [T, k] f32, expert_ids [T, k] int32)          x [T, D]
+      logits = x·routerᵀ in fp32; s = sigmoid(logits); choose top-k of s + router_bias (bias used only for
+      selection; group-limited when n_group > 1); weights = s[ids] / (Σ s[ids] + 1e-20) (if norm_topk_prob)
+      × routed_scaling.
+  moe(params, x, cfg, impl="capacity") -> y                                         x [..., D] -> [..., D]
+      y = cast(moe_experts(...)) + relu2-MLP(shared)(x).
+  moe_experts(experts, x, expert_ids, weights, impl="capacity", capacity=None, capacity_factor=1.5) -> [T, D] f32
+      The routed computation alone, y_t = Σ_j weights[t, j] · down_e(relu(up_e(x_t))²), e = expert_ids[t, j].
+      `experts` = {"up_proj": [S, F, D], "down_proj": [S, D, F]} — any stack of S expert slots: expert_ids index its
+      leading axis, so an offload engine can pass a device slot buffer and ids already mapped expert → slot.
+      Leaves may be arrays or quantized leaves with `.take(idx)` and `.dequantize(dtype)` (HLWQArray [S, out, in]).
+      impl:
+        "capacity" (prefill; dropless): assignments sorted by expert give each its rank r within its expert; round
+            i = 0, 1, ... processes ranks [iC, (i+1)C) of every expert as one batched matmul [S, C, D] x [S, F, D]
+            (dispatch: a gather of token rows; combine: a gather of each token's k result rows, no scatter-add),
+            looping (lax.while_loop) until the largest group is exhausted — no token is ever dropped, and a round
+            reads every slot's weights once. C = `capacity`, or ceil(capacity_factor · T·k / S) rounded up to a
+            multiple of 8 and at least 16 (so that small decode batches finish in one round).
+        "gather" (decode): gathers only the selected experts' weights (T·k of them) — use when T·k << S.
+        "reference": a per-expert loop over all slots (tests).
+  moe_reference(params, x, cfg) -> float64 numpy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hlwq_jax.nn.linear import dense_weight, is_quantized
+from hlwq_jax.nn.mlp import mlp, mlp_reference, relu2
+
+IMPLS = ("capacity", "gather", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    hidden: int
+    num_experts: int
+    top_k: int
+    expert_dim: int
+    shared_dim: int = 0
+    routed_scaling: float = 1.0
+    norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    capacity_factor: float = 1.5
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"MoEConfig: top_k {self.top_k} not in [1, num_experts={self.num_experts}]")
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"MoEConfig: n_group {self.n_group} / topk_group {self.topk_group} invalid for "
+                             f"{self.num_experts} experts")
+
+
+def moe_param_shapes(cfg: MoEConfig) -> dict:
+    e, d, f = cfg.num_experts, cfg.hidden, cfg.expert_dim
+    s = {"router": (e, d), "router_bias": (e,), "experts": {"up_proj": (e, f, d), "down_proj": (e, d, f)}}
+    if cfg.shared_dim:
+        s["shared"] = {"up_proj": (cfg.shared_dim, d), "down_proj": (d, cfg.shared_dim)}
+    return s
+
+
+def route(params: dict, x: jax.Array, cfg: MoEConfig) -> tuple[jax.Array, jax.Array]:
+    """Sigmoid router; see module docstring. x [T, D] -> (weights [T,k] f32, ids [T,k] int32)."""
+    logits = x.astype(jnp.float32) @ params["router"].astype(jnp.float32).T           # [T, E]
+    scores = jax.nn.sigmoid(logits)
+    choice = scores + params["router_bias"].astype(jnp.float32)
+    if cfg.n_group > 1:
+        grouped = choice.reshape(-1, cfg.n_group, cfg.num_experts // cfg.n_group)
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)                             # [T, n_group]
+        keep = jax.lax.top_k(group_scores, cfg.topk_group)[1]
+        gmask = jnp.zeros_like(group_scores, bool).at[jnp.arange(keep.shape[0])[:, None], keep].set(True)
+        choice = jnp.where(jnp.repeat(gmask, cfg.num_experts // cfg.n_group, axis=1), choice, -jnp.inf)
+    _, ids = jax.lax.top_k(choice, cfg.top_k)
+    w = jnp.take_along_axis(scores, ids, axis=1)
+    if cfg.norm_topk_prob:
+        w = w / (w.sum(-1, keepdims=True) + 1e-20)
+    return w * cfg.routed_scaling, ids.astype(jnp.int32)
+
+
+def _select(w, idx, dtype):
+    """Rows `idx` of a stacked expert leaf, dense in dtype (only those experts are read / dequantized)."""
+    if not is_quantized(w):
+        return jnp.take(jnp.asarray(w), idx, axis=0).astype(dtype)
+    if not hasattr(w, "take"):
+        raise TypeError(f"moe: quantized expert leaf {type(w).__name__} has no take(); cannot gather experts")
+    return w.take(idx).dequantize(dtype)
+
+
+def _ffn(h_in, up, down, spec_up, spec_down):
+    """relu2 expert FFN, fp32 accumulation; activation and output in the input dtype (as HF: bf16 expert outputs)."""
+    h = jnp.einsum(spec_up, h_in, up, preferred_element_type=jnp.float32)
+    y = jnp.einsum(spec_down, relu2(h).astype(h_in.dtype), down, preferred_element_type=jnp.float32)
+    return y.astype(h_in.dtype)
+
+
+def _experts_gather(experts, x, ids, w):
+    t, k = ids.shape
+    flat = ids.reshape(-1)
+    up = _select(experts["up_proj"], flat, x.dtype)                                   # [A, F, D]
+    down = _select(experts["down_proj"], flat, x.dtype)                               # [A, D, F]
+    xa = jnp.repeat(x, k, axis=0)                                                     # [A, D]
+    y = _ffn(xa, up, down, "ad,afd->af", "af,adf->ad")
+    return (w[..., None] * y.reshape(t, k, -1).astype(jnp.float32)).sum(1)          # elementwise: exact fp32
+
+
+def _experts_capacity(experts, x, ids, w, capacity):
+    t, k = ids.shape
+    up = dense_weight(experts["up_proj"], x.dtype)                                          # [S, F, D]
+    down = dense_weight(experts["down_proj"], x.dtype)
+    s, d = up.shape[0], x.shape[-1]
+    flat_e = ids.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)                                         # assignments sorted by expert
+    counts = jnp.zeros((s,), jnp.int32).at[flat_e].add(1)
+    rank_sorted = jnp.arange(flat_e.shape[0], dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[flat_e[order]]
+    rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted).reshape(t, k)     # rank within its expert
+    n_rounds = (jnp.max(counts) + capacity - 1) // capacity
+    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])                           # row t = padding
+    tok_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)).reshape(-1)
+
+    def one_round(i, acc):
+        local = rank - i * capacity
+        valid = (local >= 0) & (local < capacity)
+        dest = jnp.where(valid, ids * capacity + local, s * capacity)                  # [T, k] slot or pad
+        tok = jnp.full((s * capacity + 1,), t, jnp.int32).at[dest.reshape(-1)].set(tok_ids)[:-1]   # dispatch
+        xe = x_pad[tok].reshape(s, capacity, d)
+        y = _ffn(xe, up, down, "scd,sfd->scf", "scf,sdf->scd").reshape(s * capacity, d)
+        rows = y[jnp.minimum(dest, s * capacity - 1)].astype(jnp.float32)     # [T, k, D] combine: gather, no atomics
+        return acc + (jnp.where(valid, w, 0.0)[..., None] * rows.reshape(t, k, d)).sum(1)
+
+    return jax.lax.fori_loop(0, n_rounds, one_round, jnp.zeros((t, d), jnp.float32))
+
+
+def _experts_reference(experts, x, ids, w):
+    up, down = dense_weight(experts["up_proj"], x.dtype), dense_weight(experts["down_proj"], x.dtype)
+    out = jnp.zeros(x.shape, jnp.float32)
+    for e in range(up.shape[0]):
+        y = _ffn(x, up[e], down[e], "td,fd->tf", "tf,df->td").astype(jnp.float32)
+        out = out + y * jnp.sum(jnp.where(ids == e, w, 0.0), axis=1)[:, None]
+    return out
+
+
+def moe_experts(experts: dict, x: jax.Array, expert_ids: jax.Array, weights: jax.Array, impl: str = "capacity",
+                capacity: int | None = None, capacity_factor: float = 1.5) -> jax.Array:
+    """Routed expert sum (fp32) for x [T, D]; see module docstring."""
+    if expert_ids.shape != weights.shape or expert_ids.ndim != 2 or expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_experts: ids {expert_ids.shape}, weights {weights.shape}, x {x.shape} disagree")
+    if impl == "gather":
+        return _experts_gather(experts, x, expert_ids, weights)
+    if impl == "reference":
+        return _experts_reference(experts, x, expert_ids, weights)
+    if impl == "capacity":
+        s = experts["up_proj"].shape[0]
+        if capacity is None:
+            capacity = math.ceil(capacity_factor * expert_ids.size / s)
+            capacity = max(16, -(-capacity // 8) * 8)
+        return _experts_capacity(experts, x, expert_ids, weights, int(capacity))
+    raise ValueError(f"moe_experts: unknown impl {impl!r}; expected one of {IMPLS}")
+
+
+def moe(params: dict, x: jax.Array, cfg: MoEConfig, impl: str = "capacity") -> jax.Array:
+    """Full MoE block for x [..., D]: routed experts + shared expert."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    xt = x.reshape(-1, d)
+    with jax.named_scope("moe_router"):
+        w, ids = route(params, xt, cfg)
+    with jax.named_scope("moe_experts"):
+        y = moe_experts(params["experts"], xt, ids, w, impl=impl,
+                        capacity_factor=cfg.capacity_factor).astype(x.dtype)
+    if cfg.shared_dim:
+        with jax.named_scope("moe_shared"):
+            y = y + mlp(params["shared"], xt, "relu2")
+    return y.reshape(*lead, d)
+
+
+def moe_reference(params: dict, x, cfg: MoEConfig) -> np.ndarray:
+    """float64 numpy MoE (independent top-k via argsort)."""
+    x = np.asarray(x, np.float64)
+    xt = x.reshape(-1, x.shape[-1])
+    r = np.asarray(params["router"], np.float64)
+    s = 1.0 / (1.0 + np.exp(-(xt @ r.T)))
+    choice = s + np.asarray(params["router_bias"], np.float64)
+    if cfg.n_group > 1:
+        gs = np.sort(choice.reshape(len(xt), cfg.n_group, -1), -1)[..., -2:].sum(-1)
+        drop = np.argsort(-gs, -1, kind="stable")[:, cfg.topk_group:]
+        gm = np.ones_like(gs, bool)
+        np.put_along_axis(gm, drop, False, -1)
+        choice = np.where(np.repeat(gm, cfg.num_experts // cfg.n_group, 1), choice, -np.inf)
+    ids = np.argsort(-choice, -1, kind="stable")[:, :cfg.top_k]
+    w = np.take_along_axis(s, ids, 1)
+    if cfg.norm_topk_prob:
+        w = w / (w.sum(-1, keepdims=True) + 1e-20)
+    w = w * cfg.routed_scaling
+    up, down = (np.asarray(params["experts"][n], np.float64) for n in ("up_proj", "down_proj"))
+    y = np.zeros_like(xt)
+    for t in range(len(xt)):
+        for j in range(cfg.top_k):
+            e = ids[t, j]
+            y[t] += w[t, j] * (down[e] @ (np.maximum(up[e] @ xt[t], 0.0) ** 2))
+    if cfg.shared_dim:
+        y += mlp_reference(params["shared"], xt, "relu2")
+    return y.reshape(x.shape)
