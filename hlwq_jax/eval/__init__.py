@@ -1,0 +1,1 @@
+"""hlwq_jax.eval: evaluation data and perplexity protocols."""
