@@ -41,6 +41,19 @@ SHAPES = {
 SMALL_SHAPES = {"in_proj 10304x2688": (10304, 2688), "q_proj 4096x2688": (4096, 2688)}
 
 
+def append_jsonl_atomic(path: str, records: list[dict]) -> None:
+    """Append JSON lines by writing old + new content to a temp file, then renaming it over ``path``."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    old = open(path).read() if os.path.exists(path) else ""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(old + "".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def timed(fn, inputs, iters: int) -> float:
     """Median seconds of fn(x) over ``iters`` runs, rotating inputs, after one warm-up per input."""
     for x in inputs:
@@ -90,10 +103,7 @@ def main(argv=None) -> None:
         "device": str(jax.devices()[0].device_kind), "backend": backend,
     }
     rows = [bench_case(label, shape, int(b), iters) for label, shape in shapes.items() for b in args.bits.split(",")]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a") as f:
-        for r in rows:
-            f.write(json.dumps({**meta, **r}) + "\n")
+    append_jsonl_atomic(args.out, [{**meta, **r} for r in rows])
     print(f"\n{meta['device']} ({backend}), jax {meta['jax']}, median of {iters}")
     print(f"{'case':26s} {'bits':>4s} {'quantize Gw/s':>14s} {'core Gw/s':>10s} {'core/copy':>10s} {'30B in s':>9s}")
     for r in rows:
