@@ -24,20 +24,12 @@ from hlwq_jax.quant import hadamard, packing
 ROTATIONS = ("hadamard", "random-hadamard", "none")
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class HLWQArray:
-    packed: jax.Array
-    norms: jax.Array
-    codebook: jax.Array
-    bits: int = dataclasses.field(metadata=dict(static=True))
-    block_size: int = dataclasses.field(metadata=dict(static=True))
-    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-    rotation: str = dataclasses.field(metadata=dict(static=True), default="hadamard")
-    seed: int = dataclasses.field(metadata=dict(static=True), default=0)
-    codebook_name: str = dataclasses.field(metadata=dict(static=True), default="converged")
+class BlockGeometry:
+    """Sizes derived from a blockwise-quantized weight's static ``shape`` [*lead, out, in] and ``block_size``."""
 
-    # ---- derived sizes -------------------------------------------------------------------------------------
+    shape: tuple[int, ...]
+    block_size: int
+
     @property
     def ndim(self) -> int:
         return len(self.shape)
@@ -62,6 +54,21 @@ class HLWQArray:
     def size(self) -> int:
         return math.prod(self.shape)
 
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HLWQArray(BlockGeometry):
+    packed: jax.Array
+    norms: jax.Array
+    codebook: jax.Array
+    bits: int = dataclasses.field(metadata=dict(static=True))
+    block_size: int = dataclasses.field(metadata=dict(static=True))
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    rotation: str = dataclasses.field(metadata=dict(static=True), default="hadamard")
+    seed: int = dataclasses.field(metadata=dict(static=True), default=0)
+    codebook_name: str = dataclasses.field(metadata=dict(static=True), default="converged")
+
+    # ---- stored size ---------------------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
         """Bytes actually stored: packed codes + fp16 norms + the fp32 codebook."""

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hlwq_jax.quant import packing
-from hlwq_jax.quant.array import HLWQArray
+from hlwq_jax.quant.array import BlockGeometry, HLWQArray
 
 CHUNK = 128  # codes per chunk
 ROW_ALIGN = 128
@@ -65,7 +65,7 @@ def check_kernel_bits(bits: int) -> None:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class HLWQPlanes:
+class HLWQPlanes(BlockGeometry):
     """Bit-plane layout of an HLWQArray (see module docstring). Leaves: planes, norms_t, table, codebook."""
 
     planes: tuple  # of arrays, one per entry of PLANE_WIDTHS[bits]
@@ -78,26 +78,6 @@ class HLWQPlanes:
     rotation: str = dataclasses.field(metadata=dict(static=True), default="hadamard")
     seed: int = dataclasses.field(metadata=dict(static=True), default=0)
     codebook_name: str = dataclasses.field(metadata=dict(static=True), default="converged")
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def in_features(self) -> int:
-        return self.shape[-1]
-
-    @property
-    def out_features(self) -> int:
-        return self.shape[-2]
-
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.in_features // self.block_size)
-
-    @property
-    def padded_in(self) -> int:
-        return self.n_blocks * self.block_size
 
     @property
     def n_chunks(self) -> int:
