@@ -113,6 +113,8 @@ def quantize(w, bits: int = 5, block_size: int = 128, codebook: str = "converged
       name: tensor name used in error messages.
     Returns:
       HLWQArray (see its invariant).
+    Under tracing (inside ``jit`` or ``jax.eval_shape``) the NaN/Inf and fp16-range checks cannot run and are
+    skipped; called eagerly, they raise ``ValueError`` naming the tensor.
     """
     _check_args(bits, block_size, codebook, rotation)
     w = jnp.asarray(w)
@@ -123,13 +125,19 @@ def quantize(w, bits: int = 5, block_size: int = 128, codebook: str = "converged
     packed, norms, finite, norms_ok = _quantize_jit(
         w, jnp.asarray(cb), signs, bits=bits, block_size=block_size,
         uniform=(isinstance(codebook, str) and codebook == "uniform"), rotate=(rotation != "none"))
+    if isinstance(finite, jax.core.Tracer):  # inside jit / eval_shape: values are unknown, checks are the caller's
+        return _array(packed, norms, cb, bits, block_size, w.shape, rotation, seed, codebook)
     finite, norms_ok = jax.device_get((finite, norms_ok))
     if not finite:
         raise ValueError(f"{_label(name)} contains NaN or Inf values")
     if not norms_ok:
         raise ValueError(f"{_label(name)}: a block norm exceeds the float16 range ({_FP16_MAX}); rescale the weight")
+    return _array(packed, norms, cb, bits, block_size, w.shape, rotation, seed, codebook)
+
+
+def _array(packed, norms, cb, bits, block_size, shape, rotation, seed, codebook) -> HLWQArray:
     return HLWQArray(packed=packed, norms=norms, codebook=jnp.asarray(cb), bits=bits, block_size=block_size,
-                     shape=tuple(int(d) for d in w.shape), rotation=rotation, seed=seed,
+                     shape=tuple(int(d) for d in shape), rotation=rotation, seed=seed,
                      codebook_name=codebook if isinstance(codebook, str) else "custom")
 
 

@@ -164,3 +164,14 @@ def test_matmul_rejects_wrong_width():
     q = quantize(np.ones((4, 128), np.float32))
     with pytest.raises(ValueError, match="input features"):
         hlwq_matmul(jnp.ones((1, 100)), q)
+
+
+def test_quantize_traces_under_eval_shape_and_jit():
+    spec = jax.ShapeDtypeStruct((3, 64, 300), jnp.bfloat16)
+    q = jax.eval_shape(lambda w: quantize(w, bits=5), spec)
+    assert isinstance(q, HLWQArray) and q.shape == (3, 64, 300)
+    assert q.packed.shape == (3, 64, 3 * 128 * 5 // 8) and q.norms.shape == (3, 64, 3)
+    w = np.random.default_rng(9).standard_normal((64, 300)).astype(np.float32)
+    eager = quantize(w, bits=5)
+    jitted = jax.jit(lambda w: quantize(w, bits=5))(w)
+    np.testing.assert_array_equal(np.asarray(jitted.packed), np.asarray(eager.packed))
