@@ -16,6 +16,11 @@ Two models (``model`` in the config):
   ``offload.nemotron.OffloadedNemotronH``; all-resident baseline: the same segmented forward with every expert on the
   device (``offload=None``; the bit-exact reference); with ``full_one_jit`` also ``models.nemotron_h.forward`` as one
   jit (primary then; compiling the 52-layer model twice per bank precision takes minutes).
+``speculative`` (moe_only; sweepable, default [false]): the cached loop runs all MoE layers of a token in one jitted
+call and reads routing once per token, rolling back at the first layer that missed (``offload.moe_stack``); rows
+carry ``speculative``, ``host_reads_per_token``, ``spec_accepts`` / ``spec_rollbacks``. The ``nomiss`` row (no
+misses) is the one the 10%-of-all-resident target is about; with random routing nearly every token misses somewhere
+and speculation costs one wasted pass per token.
 The host banks hold ``unique_experts`` distinct random expert tensors repeated over all layer×expert entries (same
 bytes moved per miss; generating 58.75 GB of distinct random numbers would take minutes).
 
@@ -68,6 +73,7 @@ class BenchConfig:
     banks: tuple[str, ...] = ("bf16", "q5")
     policies: tuple[str, ...] = ("lru",)
     prefetch: tuple[bool, ...] = (False,)
+    speculative: tuple[bool, ...] = (False,)  # moe_only: one speculative call + one host read per token
     prompt: int = 8  # full: prefill length before decoding
     tokens: int = 32
     warmup: int = 16
@@ -110,9 +116,10 @@ def time_steps(step, n: int, warmup: int):
     return float(np.median(times[warmup:]) * 1e3), float(np.mean(times[warmup:]) * 1e3), outs
 
 
-def measure_cached(h, cfg, slots, policy, prefetch, restricted=False):
-    """Warm up, then time ``cfg.tokens`` decode tokens; stats cover the timed tokens only."""
-    step, moe = h.cached(slots, policy, prefetch, restricted)
+def measure_cached(h, cfg, slots, policy, prefetch, restricted=False, speculative=False):
+    """Warm up, then time ``cfg.tokens`` decode tokens; stats (per layer, and the stack's ``SpecStats``) cover the
+    timed tokens only."""
+    step, moe = h.cached(slots, policy, prefetch, restricted, speculative)
     moe.caches[0].precompile()  # install shapes are shared by all layers
     n = cfg.warmup + cfg.tokens
     t_warm = []
@@ -120,13 +127,21 @@ def measure_cached(h, cfg, slots, policy, prefetch, restricted=False):
     def timed(i):
         if i == cfg.warmup:
             t_warm.append(moe.stats())
+            t_warm.append(dataclasses.replace(moe.spec))
         return step(i)
 
     med, mean, outs = time_steps(timed, n, cfg.warmup)
     end = moe.stats()
     st = [dataclasses.replace(b, **{f.name: getattr(b, f.name) - getattr(a, f.name)
                                     for f in dataclasses.fields(b)}) for a, b in zip(t_warm[0], end)]
-    return med, mean, outs, st, device_memory()
+    return med, mean, outs, st, moe.spec.minus(t_warm[1]), device_memory()
+
+
+def spec_fields(speculative, sp, tokens) -> dict:
+    """Row fields of the stack counters: host reads per token, speculative accepts / rollbacks."""
+    return {"speculative": speculative, "host_reads": sp.host_reads, "host_reads_per_token": sp.host_reads / tokens,
+            "read_s": sp.read_s, "spec_accepts": sp.accepts, "spec_rollbacks": sp.rollbacks,
+            "spec_resumed_layers": sp.resumed_layers}
 
 
 def exact(outs, ref) -> bool:
@@ -163,38 +178,44 @@ def bench_precision(cfg, precision, key, meta, recorder) -> list[dict]:
         h.record(recorder)
     h.drop_resident()
     c0 = min(cfg.slots)
-    nomiss_ms, _, outs, st, mem = measure_cached(h, cfg, c0, "lru", False, restricted=True)
-    miss = sum(s.misses for s in st)
-    rows.append({**meta, "kind": "nomiss", "bank": precision, "slots": c0, "ms_per_token": nomiss_ms,
-                 "tok_s": 1e3 / nomiss_ms, "misses": miss, "exact": exact(outs, ref["restricted"]),
-                 "resident_over_cached": rows[1]["ms_per_token"] / nomiss_ms, "device_memory": mem,
-                 "pinned_host_bytes": pinned})
-    print(f"[{precision}] cached C={c0}, no misses ({miss}): {nomiss_ms:.2f} ms/tok; resident / cached = "
-          f"{rows[-1]['resident_over_cached']:.3f}", flush=True)
-    for slots in cfg.slots:
-        for policy in cfg.policies:
-            for prefetch in cfg.prefetch:
-                if not top_k <= slots <= h.n_experts:
-                    continue
-                med, mean, outs, st, mem = measure_cached(h, cfg, slots, policy, prefetch)
-                acc = sum(s.hits + s.misses for s in st)
-                miss = sum(s.misses for s in st)
-                mpt = miss / cfg.tokens
-                cost = (med - nomiss_ms) / mpt if mpt else float("nan")
-                rows.append({**meta, "kind": "decode", "bank": precision, "slots": slots, "policy": policy,
-                             "prefetch": prefetch, "ms_per_token": med, "ms_per_token_mean": mean, "tok_s": 1e3 / med,
-                             "accesses": acc, "misses": miss, "hit_rate": 1 - miss / acc, "misses_per_token": mpt,
-                             "bytes_moved": sum(s.bytes_moved for s in st),
-                             "transfers": sum(s.transfers for s in st), "wait_s": sum(s.wait_s for s in st),
-                             "prefetched": sum(s.prefetched for s in st), "exact": exact(outs, ref["random"]),
-                             "eff_ms_per_miss": cost, "raw_pcie_ms_per_miss": RAW_PCIE_MS.get(precision),
-                             "expert_bytes": ebytes, "slot_bytes": n_layers * slots * ebytes,
-                             "device_memory": mem, "pinned_host_bytes": pinned, "note": CAVEAT})
-                r = rows[-1]
-                print(f"[{precision}] C={slots:>3} {policy}{' +prefetch' if prefetch else ''}: {med:7.2f} ms/tok "
-                      f"({1e3 / med:6.1f} tok/s), hit {r['hit_rate']:.3f}, {mpt:.1f} misses/tok, {cost:.3f} ms/miss "
-                      f"(raw {RAW_PCIE_MS.get(precision)}), exact={r['exact']}",
-                      flush=True)
+    nomiss = {}
+    for spec in cfg.speculative:
+        nomiss[spec], _, outs, st, sp, mem = measure_cached(h, cfg, c0, "lru", False, restricted=True,
+                                                            speculative=spec)
+        miss = sum(s.misses for s in st)
+        rows.append({**meta, "kind": "nomiss", "bank": precision, "slots": c0, "ms_per_token": nomiss[spec],
+                     "tok_s": 1e3 / nomiss[spec], "misses": miss, "exact": exact(outs, ref["restricted"]),
+                     "resident_over_cached": rows[1]["ms_per_token"] / nomiss[spec], "device_memory": mem,
+                     "pinned_host_bytes": pinned, **spec_fields(spec, sp, cfg.tokens)})
+        print(f"[{precision}] cached C={c0}{' speculative' if spec else ''}, no misses ({miss}): "
+              f"{nomiss[spec]:.2f} ms/tok, {sp.host_reads / cfg.tokens:.1f} host reads/tok; resident / cached = "
+              f"{rows[-1]['resident_over_cached']:.3f}", flush=True)
+    for slots, policy, prefetch, spec in ((c, p, f, s) for c in cfg.slots for p in cfg.policies for f in cfg.prefetch
+                                          for s in cfg.speculative):
+        if not top_k <= slots <= h.n_experts:
+            continue
+        med, mean, outs, st, sp, mem = measure_cached(h, cfg, slots, policy, prefetch, speculative=spec)
+        acc = sum(s.hits + s.misses for s in st)
+        miss = sum(s.misses for s in st)
+        mpt = miss / cfg.tokens
+        cost = (med - nomiss[spec]) / mpt if mpt else float("nan")
+        rows.append({**meta, "kind": "decode", "bank": precision, "slots": slots, "policy": policy,
+                     "prefetch": prefetch, "ms_per_token": med, "ms_per_token_mean": mean, "tok_s": 1e3 / med,
+                     "accesses": acc, "misses": miss, "hit_rate": 1 - miss / acc, "misses_per_token": mpt,
+                     "bytes_moved": sum(s.bytes_moved for s in st),
+                     "transfers": sum(s.transfers for s in st), "wait_s": sum(s.wait_s for s in st),
+                     "prefetched": sum(s.prefetched for s in st), "exact": exact(outs, ref["random"]),
+                     "eff_ms_per_miss": cost, "raw_pcie_ms_per_miss": RAW_PCIE_MS.get(precision),
+                     "expert_bytes": ebytes, "slot_bytes": n_layers * slots * ebytes,
+                     "device_memory": mem, "pinned_host_bytes": pinned, "note": CAVEAT,
+                     **spec_fields(spec, sp, cfg.tokens)})
+        r = rows[-1]
+        print(f"[{precision}] C={slots:>3} {policy}{' +prefetch' if prefetch else ''}"
+              f"{' +speculative' if spec else ''}: {med:7.2f} ms/tok "
+              f"({1e3 / med:6.1f} tok/s), hit {r['hit_rate']:.3f}, {mpt:.1f} misses/tok, {cost:.3f} ms/miss "
+              f"(raw {RAW_PCIE_MS.get(precision)}), exact={r['exact']}"
+              + (f", accepts {sp.accepts} / rollbacks {sp.rollbacks}" if spec else ""),
+              flush=True)
     return rows
 
 
@@ -249,12 +270,13 @@ def plot(path_jsonl: str, path_png: str) -> None:
             if r["kind"] == "resident" and r["bank"] == bank and r["routing"] == "random":
                 a1.axhline(r["tok_s"], ls="--", lw=1, color="k" if bank == "bf16" else "gray",
                            label=f"all-resident {bank} ({r['config']['model']}, {r['baseline']})")
-        for pol, pf in sorted({(r["policy"], r["prefetch"]) for r in rows if r["kind"] == "decode"}):
+        for pol, pf, sp in sorted({(r["policy"], r["prefetch"], r.get("speculative", False)) for r in rows
+                                   if r["kind"] == "decode"}):
             d = sorted((r for r in rows if r["kind"] == "decode" and r["bank"] == bank and r["policy"] == pol
-                        and r["prefetch"] == pf), key=lambda r: r["slots"])
-            lab = f"{bank} {pol}{' +prefetch' if pf else ''}"
-            a1.plot([r["slots"] for r in d], [r["tok_s"] for r in d], "o--" if pf else "o-", label=lab)
-            if not pf:
+                        and r["prefetch"] == pf and r.get("speculative", False) == sp), key=lambda r: r["slots"])
+            lab = f"{bank} {pol}{' +prefetch' if pf else ''}{' +speculative' if sp else ''}"
+            a1.plot([r["slots"] for r in d], [r["tok_s"] for r in d], "o--" if pf or sp else "o-", label=lab)
+            if not pf and not sp:
                 a2.plot([r["slots"] for r in d], [r["hit_rate"] for r in d], "o-", label=f"measured {lab}")
     for pol in sorted({r["policy"] for r in rows if r["kind"] == "replay"}):
         d = sorted((r for r in rows if r["kind"] == "replay" and r["policy"] == pol), key=lambda r: r["slots"])
@@ -283,6 +305,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", help="TOML file with BenchConfig fields (configs/offload_*.toml)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke shapes (overrides --config)")
     ap.add_argument("--model", choices=("moe_only", "full"), help="override the config's model")
+    ap.add_argument("--speculative", choices=("false", "true", "both"), help="override the config's speculative")
     ap.add_argument("--out", required=True, help="JSON-lines results file (appended)")
     ap.add_argument("--trace", help="write the routing trace (first bank precision, all tokens) here")
     ap.add_argument("--plot", help="draw tokens/s and hit rate vs cache size from --out into this PNG")
@@ -296,6 +319,12 @@ def main(argv=None) -> int:
     cfg = BenchConfig.tiny() if a.tiny else (BenchConfig.load(a.config) if a.config else BenchConfig())
     if a.model:
         cfg = dataclasses.replace(cfg, model=a.model)
+    if a.speculative:
+        cfg = dataclasses.replace(cfg, speculative={"false": (False,), "true": (True,), "both": (False, True)}
+                                  [a.speculative])
+    if not cfg.speculative or (cfg.model == "full" and any(cfg.speculative)):
+        raise ValueError(f"config: speculative must be a non-empty list of booleans, and only false for the full "
+                         f"model (implemented for moe_only), got {cfg.speculative} with model {cfg.model}")
     if cfg.model not in ("moe_only", "full") or cfg.unique_experts < 1 or cfg.tokens < 1 or cfg.warmup < 1:
         raise ValueError(f"config: model must be moe_only|full, unique_experts, tokens and warmup >= 1 (got {cfg})")
     meta = {"config": dataclasses.asdict(cfg), "git_sha": git_sha(), "jax": jax.__version__,

@@ -82,6 +82,8 @@ class LayerCache:
         self.free = list(range(slots))
         self.buffers = tuple(bank.empty_slots(slots))
         self.stats = LayerStats()
+        self.version = 0  # bumped whenever the expert→slot map changes
+        self._built: tuple | None = None  # (buffers, weight dict) of the last ``weights()`` call
         self._staged: dict[int, list[jax.Array]] = {}
 
     def slot_map(self) -> np.ndarray:
@@ -92,8 +94,11 @@ class LayerCache:
         return m
 
     def weights(self) -> dict:
-        """The slot buffers as a weight dict with leading dimension C (feed to the routed FFN with slot ids)."""
-        return self.bank.build(self.buffers, self.slots)
+        """The slot buffers as a weight dict with leading dimension C (feed to the routed FFN with slot ids); rebuilt
+        only when the buffers were replaced (every install does)."""
+        if self._built is None or self._built[0] is not self.buffers:
+            self._built = (self.buffers, self.bank.build(self.buffers, self.slots))
+        return self._built[1]
 
     def prefetch(self, experts: Sequence[int]) -> int:
         """Start ONE transfer of the predicted experts that are neither resident nor staged; they are installed
@@ -116,6 +121,7 @@ class LayerCache:
             self.free.append(self.slot_of.pop(e))
         if not r.misses:
             return
+        self.version += 1
         slots = [self.free.pop() for _ in r.misses]
         for e, s in zip(r.misses, slots):
             self.slot_of[e] = s

@@ -2,7 +2,7 @@
 
 Both harnesses expose: ``banks``, ``top_k``, ``n_experts``; ``resident(restricted) -> [(name, step, is_reference)]``
 (all-resident variants; the first is the primary baseline, the reference one uses the cached path's exact calls);
-``cached(slots, policy, prefetch, restricted) -> (step, OffloadedMoE)``; ``record(recorder)``; ``drop_resident()``. ``step(i)`` decodes token i (i = 0 starts a fresh sequence) and returns its output.
+``cached(slots, policy, prefetch, restricted, speculative=False) -> (step, OffloadedMoE)``; ``record(recorder)``; ``drop_resident()``. ``step(i)`` decodes token i (i = 0 starts a fresh sequence) and returns its output.
 ``restricted`` adds a +100 selection bias to experts [0, min slots) in every router, so routing stays inside the
 smallest cache (the no-miss measurement).
 """
@@ -109,8 +109,9 @@ class MoEOnlyHarness:
         return [("one_jit", lambda i: resident_decode_step(self.full, rt, self.xs[i], k=k), False),
                 ("eager", lambda i: eager_resident_step(self.full, rt, self.xs[i], k), True)]
 
-    def cached(self, slots, policy, prefetch, restricted=False):
-        moe = OffloadedMoE(self.banks, OffloadConfig(slots=slots, policy=policy, prefetch=prefetch))
+    def cached(self, slots, policy, prefetch, restricted=False, speculative=False):
+        moe = OffloadedMoE(self.banks, OffloadConfig(slots=slots, policy=policy, prefetch=prefetch,
+                                                     speculative=speculative))
         rt = self._routers(restricted)
         return (lambda i: moe_only_decode_step(moe, rt, self.xs[i], self.top_k)), moe
 
@@ -189,9 +190,10 @@ class FullModelHarness:
                                                                                              cache)), False))
         return out
 
-    def cached(self, slots, policy, prefetch, restricted=False, recorder=None):
+    def cached(self, slots, policy, prefetch, restricted=False, speculative=False, recorder=None):
         params = self.restricted_params if restricted else self.params
-        off = OffloadedNemotronH(self.config, params, OffloadConfig(slots=slots, policy=policy, prefetch=prefetch),
+        ocfg = OffloadConfig(slots=slots, policy=policy, prefetch=prefetch, speculative=speculative)
+        off = OffloadedNemotronH(self.config, params, ocfg,
                                  banks=self.banks, recorder=recorder)
         trace = recorder is not None
         return self._stepper(lambda toks, cache, phase: off.forward(

@@ -88,6 +88,9 @@ class OffloadedNemotronH:
         if offload is None:
             self.moe, self.resident = None, [params["layers"][i]["mixer"]["experts"] for i in moe_idx]
         else:
+            if offload.speculative:
+                raise ValueError("offloaded Nemotron-H: speculative decode is implemented for the MoE-only stand-in "
+                                 "model only (moe_stack.speculative_decode_step), not for the hybrid model")
             if banks is None:
                 banks = [HostBank(params["layers"][i]["mixer"]["experts"]) for i in moe_idx]
             if len(banks) != len(moe_idx):

@@ -22,12 +22,13 @@ def bench(tmp_path, *extra):
 
 
 def test_tiny_bench(tmp_path):
-    p, rows, tr, png = bench(tmp_path)
+    """Also sweeps speculative decode (--speculative both): same hit rates, exact, one host read per token when warm."""
+    p, rows, tr, png = bench(tmp_path, "--speculative", "both")
     assert "random weights route near-uniformly" in p.stdout
     kinds = [r["kind"] for r in rows]
     res = [r for r in rows if r["kind"] == "resident"]
     assert all(r["baseline"] == "one_jit" and set(r["ms_per_token_variants"]) == {"one_jit", "eager"} for r in res)
-    assert kinds.count("resident") == 4 and kinds.count("nomiss") == 2 and kinds.count("decode") == 4
+    assert kinds.count("resident") == 4 and kinds.count("nomiss") == 4 and kinds.count("decode") == 8
     for r in rows:
         assert r["model"] == "moe_only" and r["config"]["layers"] == 2 and "git_sha" in r and "jax" in r
     for r in (r for r in rows if r["kind"] in ("decode", "nomiss")):
@@ -43,6 +44,21 @@ def test_tiny_bench(tmp_path):
     bf = next(r for r in rows if r["kind"] == "decode" and r["bank"] == "bf16")
     assert q5["expert_bytes"] < bf["expert_bytes"] / 2  # 48 -> 64 padding at tiny shapes; ~3.1x at real shapes
     assert all(r["misses"] == 0 for r in rows if r["kind"] == "nomiss")
+    for r in (r for r in rows if r["kind"] in ("decode", "nomiss")):
+        tokens, layers = r["config"]["tokens"], r["config"]["layers"]
+        assert r["config"]["speculative"] == [False, True]
+        if r["speculative"]:
+            assert r["spec_accepts"] + r["spec_rollbacks"] == tokens
+            assert r["host_reads"] == tokens + r["spec_resumed_layers"] - r["spec_rollbacks"]
+            assert (r["spec_rollbacks"] > 0) == (r["misses"] > 0)
+        else:
+            assert r["host_reads"] == tokens * layers and r["spec_accepts"] == r["spec_rollbacks"] == 0
+        if r["kind"] == "nomiss":  # warm cache, nothing missing: every token accepted with one read
+            assert r["host_reads_per_token"] == (1 if r["speculative"] else layers)
+            assert r["spec_accepts"] == (tokens if r["speculative"] else 0)
+    for a, b in zip(*[[r for r in rows if r["kind"] == "decode" and r["speculative"] == s] for s in (False, True)]):
+        keys = ("bank", "slots", "misses", "accesses")  # speculation does not change the policy's decisions
+        assert [a[k] for k in keys] == [b[k] for k in keys]
     replay = {(r["slots"], r["policy"]): r["hit_rate"] for r in rows if r["kind"] == "replay"}
     assert {p for _, p in replay} == {"lru", "lfru", "lfru-fork", "lfu", "static", "belady"}
     assert all(0 <= hr <= 1 for hr in replay.values())  # counted after warm-up, like the measured rows
@@ -65,3 +81,13 @@ def test_tiny_bench_full_model(tmp_path):
     assert {r["baseline"] for r in rows if r["kind"] == "resident"} == {"segmented"}
     recs = T.read_trace(tr)
     assert {r.phase for r in recs} == {"prefill", "decode"}
+
+
+def test_speculative_config():
+    """Default keeps the per-layer path; the H200 config sweeps both; the full model refuses speculation."""
+    from experiments.bench_offload import BenchConfig, main
+
+    assert BenchConfig().speculative == (False,) and BenchConfig.tiny().speculative == (False,)
+    assert BenchConfig.load(str(REPO / "configs" / "offload_h200.toml")).speculative == (False, True)
+    with pytest.raises(ValueError, match="speculative"):
+        main(["--tiny", "--model", "full", "--speculative", "true", "--out", "/nonexistent/x.jsonl"])
