@@ -1,20 +1,25 @@
 """Throughput and peak memory of the streaming HLWQ converter (``hlwq-quantize``), on CPU or GPU.
 
-Builds a synthetic bf16 checkpoint with Nemotron-H 30B-A3B tensor shapes (Mamba in_proj [10304, 2688], expert
-up/down [1856, 2688] / [2688, 1856], attention q/o [4096, 2688] / [2688, 4096]) of about ``--gb`` GB, then
-1. converts it file → file to HLWQ Q5 (recipe "all", B = 128) in a child process and reports GB/s of bf16 input and
-   the child's peak RSS next to the largest tensor (the bounded-memory claim: peak − baseline ≤ 2 × largest tensor);
+Builds a synthetic bf16 checkpoint of about ``--gb`` GB — by default cycling through five Nemotron-H 30B-A3B shapes
+(Mamba in_proj [10304, 2688], expert up/down [1856, 2688] / [2688, 1856], attention q/o [4096, 2688] / [2688, 4096]);
+with ``--nemotron-shapes`` every quantized tensor kind of Nemotron-H with its real name and shape, layers in the
+M E M E M E M * pattern and 8 routed experts per MoE layer instead of 128 (fewer tensors, same shapes) — then
+1. converts it file → file to HLWQ Q5 (recipe "all", B = 128) in a child process and reports GB/s of bf16 input
+   (``convert_seconds`` excludes the JAX backend start-up, reported as ``backend_init_seconds``), the number of XLA
+   compilations and their time, the bytes sent host → device, the time of each pipeline phase (read and put run in a
+   reader thread; dispatch, wait, write in the main thread; close = fsync + rename; finish = manifest with sha256),
+   and the child's peak RSS next to the largest tensor (bounded memory: peak − baseline is set by the chunk size —
+   three chunks in the read / quantize / write pipeline and the quantizer's float32 temporaries, ≈ 8 × --chunk-mb —
+   not by the model; tests/ckpt/test_memory.py holds it under 2 × the largest tensor at 8 MiB chunks);
 2. times the quantizer alone on device-resident tensors (no I/O): GB/s of bf16 input.
 Every run appends one JSON line (command, date, machine, jax version, devices, metrics) to ``--out``.
 
     CPU (here):   PYTHONPATH=. .venv/bin/python experiments/bench_convert.py --gb 1 --out results/bench_convert_cpu.jsonl
-    GPU (H200):   PYTHONPATH=. python3 experiments/bench_convert.py --gb 8 --chunk-mb 512 --out $OUT/bench_convert_h200.jsonl
-                  (< 3 minutes: ~30 s to write the synthetic input, ~20 s of JAX start-ups, the rest converting.)
+    GPU (H200):   PYTHONPATH=. python3 experiments/bench_convert.py --gb 2 --chunk-mb 512 \
+                      --out $OUT/bench_convert_h200.jsonl           (add --nemotron-shapes for the real shape mix)
     smoke:        ... --smoke   (a few MB, seconds)
 Targets (issue 7): ≥ 0.1 GB/s on 2 CPU cores, ≥ 1 GB/s on the H200.
-Measured on the 2-core dev VM while ~5 engineers shared it (load average 6.3; results/bench_convert_cpu.jsonl):
-convert 0.051 GB/s wall (11.2 CPU-seconds per GB), quantizer alone 0.12 GB/s; peak RSS − baseline = 1.24 × the
-largest tensor (55 MB) for an input 18 × larger. The quantizer core dominates the CPU time (reads ≈ 5 GB/s).
+Measured: results/bench_convert_cpu.jsonl (2-core VM, shared) and results/bench_convert_h200.jsonl.
 """
 from __future__ import annotations
 
@@ -66,15 +71,85 @@ def make_synthetic(root: pathlib.Path, gb: float, seed: int = 0, scale: float = 
     return {"input_bytes": total, "tensors": i, "largest_tensor_bytes": largest}
 
 
+# Nemotron-H 30B-A3B (docs/models.md): hidden 2688, Mamba d_inner 4096, 128 experts of 1856, a shared expert of 3712,
+# 32 q / 2 kv heads of 128. Layer kinds in the order of its hybrid pattern's most common run (M E M E … M *).
+NEMOTRON_LAYERS = {
+    "M": [("mixer.in_proj.weight", (10304, 2688)), ("mixer.out_proj.weight", (2688, 4096))],
+    "E": [("mixer.gate.weight", (128, 2688)), ("mixer.shared_experts.up_proj.weight", (3712, 2688)),
+          ("mixer.shared_experts.down_proj.weight", (2688, 3712))],
+    "*": [("mixer.q_proj.weight", (4096, 2688)), ("mixer.k_proj.weight", (256, 2688)),
+          ("mixer.v_proj.weight", (256, 2688)), ("mixer.o_proj.weight", (2688, 4096))],
+}
+NEMOTRON_EXPERT = [("up_proj.weight", (1856, 2688)), ("down_proj.weight", (2688, 1856))]
+NEMOTRON_PATTERN = "MEMEMEM*"
+
+
+def nemotron_tensors(gb: float, experts: int = 8):
+    """[(name, shape)] of ≈ gb GB of bf16 with Nemotron-H's real tensor shapes; the count is scaled down (layers
+    cycle through NEMOTRON_PATTERN, ``experts`` routed experts per MoE layer instead of 128), shapes are not."""
+    out, total, i = [], 0, 0
+    while total < gb * 1e9:
+        kind = NEMOTRON_PATTERN[i % len(NEMOTRON_PATTERN)]
+        layer = [(f"backbone.layers.{i}.{n}", s) for n, s in NEMOTRON_LAYERS[kind]]
+        if kind == "E":
+            layer += [(f"backbone.layers.{i}.mixer.experts.{e}.{n}", s)
+                      for e in range(experts) for n, s in NEMOTRON_EXPERT]
+        for name, shape in layer:
+            if total >= gb * 1e9:
+                break
+            out.append((name, shape))
+            total += 2 * shape[0] * shape[1]
+        i += 1
+    return out
+
+
+def make_nemotron_synthetic(root: pathlib.Path, gb: float, seed: int = 0) -> dict:
+    """bf16 checkpoint of ≈ gb GB with Nemotron-H tensor names and shapes (``nemotron_tensors``), 2 GB shards."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base, shard, shard_bytes, n_shard, total, largest = {}, {}, 0, 0, 0, 0
+    specs = nemotron_tensors(gb)
+    for j, (name, shape) in enumerate(specs):
+        if shape not in base:  # one Gaussian draw per shape; later tensors are cheap rescalings of it
+            base[shape] = rng.standard_normal(shape, dtype=np.float32) * 0.02
+        shard[name] = (base[shape] * np.float32(1.0 + 0.01 * (j % 7))).astype(ml_dtypes.bfloat16)
+        shard_bytes += shard[name].nbytes
+        total += shard[name].nbytes
+        largest = max(largest, shard[name].nbytes)
+        if shard_bytes > 2e9 or j == len(specs) - 1:
+            n_shard += 1
+            save_file(shard, str(root / f"model-{n_shard:05d}.safetensors"), metadata={"format": "pt"})
+            shard, shard_bytes = {}, 0
+    (root / "config.json").write_text(json.dumps({"model_type": "synthetic-nemotron-h"}))
+    return {"input_bytes": total, "tensors": len(specs), "largest_tensor_bytes": largest,
+            "distinct_shapes": len(base)}
+
+
 def child(src: str, dst: str, chunk_mb: float) -> None:
-    """Run one conversion in this process and print {seconds, peak_rss_bytes} (JSON) on the last line."""
-    from hlwq_jax.cli.quantize import main
+    """Run one conversion through the CLI in this process and print {rc, seconds, backend_init_seconds,
+    peak_rss_bytes, cpu_seconds, stats} (JSON) on the last line. ``stats`` is what ``convert_checkpoint`` returned
+    (compiles, compile_seconds, h2d_bytes, per-phase seconds); ``seconds`` excludes the JAX backend start-up, which is
+    timed separately (on a GPU it is seconds, paid once per process)."""
+    import jax
+    import hlwq_jax.cli.quantize as cli
     t0 = time.perf_counter()
-    rc = main([src, dst, "--bits", "5", "--recipe", "all", "--chunk-mb", str(chunk_mb), "--no-progress"])
+    jax.block_until_ready(jax.device_put(np.zeros(8, np.float32)))
+    init_s = time.perf_counter() - t0
+    stats, convert = {}, cli.convert_checkpoint
+
+    def keep_stats(*args, **kw):  # the CLI prints a summary only; keep the full stats for the record
+        stats.update(convert(*args, **kw))
+        return stats
+
+    cli.convert_checkpoint = keep_stats
+    t0 = time.perf_counter()
+    rc = cli.main([src, dst, "--bits", "5", "--recipe", "all", "--chunk-mb", str(chunk_mb), "--no-progress"])
     dt = time.perf_counter() - t0
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"rc": rc, "seconds": dt, "peak_rss_bytes": peak_rss_bytes(),
-                      "cpu_seconds": ru.ru_utime + ru.ru_stime}))
+    print(json.dumps({"rc": rc, "seconds": dt, "backend_init_seconds": init_s, "peak_rss_bytes": peak_rss_bytes(),
+                      "cpu_seconds": ru.ru_utime + ru.ru_stime, "stats": stats}))
 
 
 def peak_rss_bytes() -> int:
@@ -125,6 +200,8 @@ def main() -> None:
     p.add_argument("--out", default="results/bench_convert_cpu.jsonl")
     p.add_argument("--workdir", default=None, help="where the synthetic checkpoints go (default: a temp dir)")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--nemotron-shapes", action="store_true",
+                   help="synthesise Nemotron-H's real tensor shapes and names (counts scaled down to --gb)")
     p.add_argument("--child", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -135,7 +212,8 @@ def main() -> None:
     work = pathlib.Path(tempfile.mkdtemp(dir=a.workdir, prefix="bench_convert_"))
     try:
         t0 = time.perf_counter()
-        info = make_synthetic(work / "src", gb, scale=scale)
+        info = (make_nemotron_synthetic(work / "src", gb) if a.nemotron_shapes and not a.smoke
+                else make_synthetic(work / "src", gb, scale=scale))
         make_synthetic(work / "tiny", 0.0001, scale=0.05)  # baseline process: same code path, tiny tensors
         gen_s = time.perf_counter() - t0
         base = run_child(work / "tiny", work / "tiny_q", a.chunk_mb)
@@ -150,9 +228,16 @@ def main() -> None:
         "machine": {"node": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "jax_version": jax.__version__, "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
         "git_sha": _git_sha(), "config": {"gb": gb, "chunk_mb": a.chunk_mb, "bits": 5, "block_size": 128,
-                                            "recipe": "all", "smoke": a.smoke},
+                                            "recipe": "all", "smoke": a.smoke,
+                                            "nemotron_shapes": a.nemotron_shapes},
         "synthetic": info, "synthetic_write_s": gen_s,
         "convert_seconds": big["seconds"], "convert_gb_per_s": info["input_bytes"] / big["seconds"] / 1e9,
+        "backend_init_seconds": big["backend_init_seconds"],
+        "convert_gb_per_s_with_init": info["input_bytes"] / (big["seconds"] + big["backend_init_seconds"]) / 1e9,
+        "compiles": big["stats"].get("compiles"), "compile_seconds": big["stats"].get("compile_seconds"),
+        "h2d_bytes": big["stats"].get("h2d_bytes"),
+        "phase_seconds": {k[: -len("_seconds")]: v for k, v in big["stats"].items()
+                          if k.endswith("_seconds") and k != "compile_seconds"},
         "convert_cpu_seconds": big["cpu_seconds"] - base["cpu_seconds"],  # process CPU time net of the tiny run
         "load_average_1min": os.getloadavg()[0],
         "output_bytes": out_bytes, "compression": info["input_bytes"] / out_bytes,

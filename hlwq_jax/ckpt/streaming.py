@@ -135,8 +135,11 @@ class CheckpointIndex:
         return self.tensors[name]
 
 
-def read_rows(info: TensorInfo, start: int, stop: int) -> np.ndarray:
+def read_rows(info: TensorInfo, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
     """Rows [start, stop) of the tensor's first axis (source dtype), read with positional file reads.
+
+    ``out`` (optional): a C-contiguous array of the source dtype with ≥ stop − start rows of the tensor's trailing
+    shape; the rows are read into its first stop − start rows (the rest is left as it is) and ``out`` is returned.
 
     No mmap: memory is the returned array only (the page cache is not charged to this process), and no page faults
     per 4 KiB, so one thread reads several GB/s. ``read_rows_reference`` is the safetensors ``safe_open`` path.
@@ -145,8 +148,13 @@ def read_rows(info: TensorInfo, start: int, stop: int) -> np.ndarray:
     if not 0 <= start <= stop <= (info.shape[0] if info.shape else 1):
         raise ValueError(f"{info.file}: rows [{start}, {stop}) out of range for tensor {info.name!r} {list(info.shape)}")
     row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
-    out = np.empty((stop - start, *info.shape[1:]) if info.shape else (), info.np_dtype)
-    buf = memoryview(out.reshape(-1).view(np.uint8))
+    if out is None:
+        out = np.empty((stop - start, *info.shape[1:]) if info.shape else (), info.np_dtype)
+    elif (out.dtype != info.np_dtype or not out.flags.c_contiguous or out.shape[1:] != tuple(info.shape[1:])
+          or out.shape[0] < stop - start):
+        raise ValueError(f"{info.file}: buffer {out.dtype}{list(out.shape)} cannot hold rows [{start}, {stop}) of "
+                         f"tensor {info.name!r} {info.dtype}{list(info.shape)}")
+    buf = memoryview(out.reshape(-1).view(np.uint8))[: (stop - start) * row]
     pos, done = info.start + start * row, 0
     with open(info.file, "rb", buffering=0) as f:
         while done < buf.nbytes:

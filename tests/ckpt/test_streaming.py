@@ -88,3 +88,17 @@ def test_header_errors_name_file_and_tensor(tmp_path):
         {"weight_map": {"a": "g.safetensors", "b": "missing.safetensors"}}))
     with pytest.raises(ValueError, match="missing.safetensors"):
         CheckpointIndex(tmp_path)
+
+
+def test_read_rows_into_padded_buffer(tmp_path, rng):
+    x = rng.standard_normal((37, 5, 3)).astype(ml_dtypes.bfloat16)
+    save_file({"w": x}, str(tmp_path / "a.safetensors"))
+    info = CheckpointIndex(tmp_path).tensors["w"]
+    buf = np.full((16, 5, 3), 7, ml_dtypes.bfloat16)
+    assert read_rows(info, 30, 37, out=buf) is buf
+    np.testing.assert_array_equal(buf[:7], read_rows_reference(info, 30, 37))  # safetensors' own reader
+    assert np.all(buf[7:] == 7)  # rows past stop − start untouched
+    for bad in (np.zeros((6, 5, 3), ml_dtypes.bfloat16), np.zeros((16, 5, 3), np.float32),
+                np.zeros((16, 3, 5), ml_dtypes.bfloat16)):
+        with pytest.raises(ValueError, match=r"a.safetensors: buffer .* tensor 'w'"):
+            read_rows(info, 30, 37, out=bad)
