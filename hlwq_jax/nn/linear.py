@@ -1,18 +1,21 @@
 """``linear(x, w)``: y = x @ Wᵀ for a plain weight or any quantized leaf — the one place that branches on leaf type.
 
-W is stored in PyTorch layout [out, in]. HLWQ leaves go through ``hlwq_matmul`` (rotate activations, contract
-codes); the baseline formats (RTN, NF4, NVFP4) are dequantized to the activation dtype first.
+W is stored in PyTorch layout [out, in]. HLWQ leaves (``HLWQArray`` or its kernel layout ``HLWQPlanes``) go through
+``hlwq_jax.ops.hlwq_matmul`` with the chosen ``impl`` (default "xla": rotate activations, contract codes); the
+baseline formats (RTN, NF4, NVFP4) are dequantized to the activation dtype first.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from hlwq_jax.ops.hlwq_matmul import api as hlwq_ops
+from hlwq_jax.ops.hlwq_matmul.layout import HLWQPlanes
 from hlwq_jax.quant.array import HLWQArray
 from hlwq_jax.quant.baselines import NF4Array, NVFP4Array, RTNArray
-from hlwq_jax.quant.hlwq import hlwq_matmul
 
-QUANTIZED_TYPES = (HLWQArray, RTNArray, NF4Array, NVFP4Array)
+HLWQ_TYPES = (HLWQArray, HLWQPlanes)
+QUANTIZED_TYPES = (HLWQArray, HLWQPlanes, RTNArray, NF4Array, NVFP4Array)
 
 
 def is_quantized(w) -> bool:
@@ -26,13 +29,14 @@ def dense_weight(w, dtype) -> jax.Array:
     return jnp.asarray(w).astype(dtype)
 
 
-def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array, w, bias: jax.Array | None = None, *, impl: str = "xla") -> jax.Array:
     """x [..., in] @ W[out, in]ᵀ (+ bias [out]) → [..., out] in x.dtype.
 
-    Plain weights compute in x.dtype with float32 accumulation.
+    Plain weights compute in x.dtype with float32 accumulation. ``impl`` selects the HLWQ matmul implementation
+    ("reference" | "xla" | "pallas", see ``hlwq_jax.ops.hlwq_matmul``); it is ignored for other leaves.
     """
-    if isinstance(w, HLWQArray):
-        y = hlwq_matmul(x, w)
+    if isinstance(w, HLWQ_TYPES):
+        y = hlwq_ops.hlwq_matmul(x, w, impl=impl)
     elif is_quantized(w):
         y = jnp.einsum("...i,oi->...o", x, w.dequantize(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
     else:

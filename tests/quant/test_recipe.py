@@ -97,3 +97,19 @@ def test_linear_dispatch_matches_dense(name):
     ref = x.astype(np.float64) @ np.asarray(q.dequantize(), np.float64).T
     y = np.asarray(linear(jnp.asarray(x), q, bias=jnp.ones(40)), np.float64) - 1.0
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def test_linear_selects_the_hlwq_implementation():
+    from hlwq_jax import quantize
+    from hlwq_jax.ops.hlwq_matmul.layout import repack
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((16, 256)).astype(np.float32)
+    x = jnp.asarray(rng.standard_normal((2, 256)).astype(np.float32))
+    q = quantize(w, bits=4)
+    ref = np.asarray(linear(x, q, impl="reference"))
+    np.testing.assert_allclose(np.asarray(linear(x, q)), ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(linear(x, repack(q))), ref, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="unknown hlwq_matmul impl"):
+        linear(x, q, impl="cuda")
+    with pytest.raises(RuntimeError):  # no hidden fallback: the GPU kernel cannot run on the CPU backend
+        linear(x, repack(q), impl="pallas")
