@@ -4,24 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from hlwq_jax.offload import trace as T
-from hlwq_jax.offload.bank import HostBank
+from moe_layers import D, E, K, L, build
 from hlwq_jax.offload.moe_stack import (OffloadConfig, OffloadedMoE, eager_resident_step, moe_only_decode_step,
                                         resident_decode_step, sigmoid_topk_route)
 
-L, E, D, F, K = 3, 8, 32, 16, 2
 
 
 def model(seed=0):
-    rng = np.random.default_rng(seed)
-    banks, routers, full = [], [], []
-    for _ in range(L):
-        w = {"up_proj": jnp.asarray(rng.standard_normal((E, F, D)) / np.sqrt(D), jnp.float32),
-             "down_proj": jnp.asarray(rng.standard_normal((E, D, F)) / np.sqrt(F), jnp.float32)}
-        banks.append(HostBank(w))
-        full.append(w)
-        routers.append((jnp.asarray(rng.standard_normal((E, D)), jnp.float32),
-                        jnp.asarray(rng.standard_normal(E) * 0.1, jnp.float32)))
-    return banks, routers, full
+    return build(seed)
 
 
 def test_router_matches_numpy(rng):

@@ -9,27 +9,17 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from hlwq_jax.offload import trace as T
-from hlwq_jax.offload.bank import HostBank
+from moe_layers import D, E, F, K, L, build
 from hlwq_jax.offload.moe_stack import OffloadConfig, OffloadedMoE, eager_resident_step, moe_only_decode_step
 
-L, E, D, F, K = 3, 8, 32, 16, 2
 _MODEL = {}
 
 
 def model():
-    """3 MoE layers, float32 experts in pinned-host banks, random routers (built once per session)."""
+    """The shared 3-layer test model, built once per session."""
     if not _MODEL:
-        rng = np.random.default_rng(7)
-        banks, routers, full = [], [], []
-        for _ in range(L):
-            w = {"up_proj": jnp.asarray(rng.standard_normal((E, F, D)) / np.sqrt(D), jnp.float32),
-                 "down_proj": jnp.asarray(rng.standard_normal((E, D, F)) / np.sqrt(F), jnp.float32)}
-            banks.append(HostBank(w))
-            full.append(w)
-            routers.append((jnp.asarray(rng.standard_normal((E, D)), jnp.float32),
-                            jnp.asarray(rng.standard_normal(E) * 0.1, jnp.float32)))
-        _MODEL.update(banks=banks, routers=routers, full=full)
-    return _MODEL["banks"], _MODEL["routers"], _MODEL["full"]
+        _MODEL["m"] = build(7)
+    return _MODEL["m"]
 
 
 def restrict(routers, n, layers=range(L)):
