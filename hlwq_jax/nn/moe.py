@@ -24,7 +24,13 @@ Public signatures:
             looping (lax.while_loop) until the largest group is exhausted — no token is ever dropped, and a round
             reads every slot's weights once. C = `capacity`, or ceil(capacity_factor · T·k / S) rounded up to a
             multiple of 8 and at least 16 (so that small decode batches finish in one round).
-        "gather" (decode): gathers only the selected experts' weights (T·k of them) — use when T·k << S.
+        "gather" (decode): gathers only the selected experts' weights (T·k of them) — use when T·k << S; HLWQ
+            experts are contracted in the rotated domain (activations rotated, codes looked up in the reduction).
+        "ragged" / "ragged-mgpu" (prefill; dropless, no padding FLOPs): assignments sorted by expert, one grouped
+            matmul per projection over the T·k sorted rows (hlwq_jax.ops.grouped_matmul, impl "xla" /
+            "mosaic_gpu"; the latter needs an sm_90 GPU and 16-bit weights, and raises elsewhere), combine by the
+            inverse permutation (a gather, no scatter-add). The expert output is rounded to x's dtype before relu²
+            (as transformers' bf16 path does).
         "reference": a per-expert loop over all slots (tests).
   moe_reference(params, x, cfg) -> float64 numpy.
 """
@@ -39,8 +45,13 @@ import numpy as np
 
 from hlwq_jax.nn.linear import dense_weight, is_quantized
 from hlwq_jax.nn.mlp import mlp, mlp_reference, relu2
+from hlwq_jax.ops.grouped_matmul import grouped_matmul
+from hlwq_jax.ops.hlwq_matmul.rotate import rotate_activations
+from hlwq_jax.ops.hlwq_matmul.xla import codes_and_norms
+from hlwq_jax.quant.array import HLWQArray
 
-IMPLS = ("capacity", "gather", "reference")
+IMPLS = ("capacity", "gather", "ragged", "ragged-mgpu", "reference")
+_GROUPED = {"ragged": "xla", "ragged-mgpu": "mosaic_gpu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +117,26 @@ def _ffn(h_in, up, down, spec_up, spec_down):
     return y.astype(h_in.dtype)
 
 
+def _gathered_proj(w, rows, idx, dtype):
+    """f32 [A, out]: row a of `rows` [A, in] times expert idx[a] of the stacked leaf w [S, out, in]. Only the selected
+    experts are read; an HLWQ leaf is contracted in its rotated domain (rows rotated once, codes looked up and scaled by
+    their norms inside the reduction: no inverse Hadamard on the weight, no dense weight materialised)."""
+    if isinstance(w, HLWQArray):
+        sel = w.take(idx)                                                             # [A, out, in] codes, norms
+        xr = rotate_activations(rows, sel)                                            # [A, padded_in] f32
+        codes, norms = codes_and_norms(sel)                                           # [A, out, nb, B], [A, out, nb]
+        table = sel.codebook.astype(jnp.float32) * np.float32(1.0 / math.sqrt(sel.block_size))
+        vals = table[codes] * norms[..., None]
+        return jnp.sum(vals * xr.reshape(xr.shape[0], 1, sel.n_blocks, sel.block_size), axis=(-2, -1))
+    return jnp.einsum("ad,afd->af", rows, _select(w, idx, dtype), preferred_element_type=jnp.float32)
+
+
 def _experts_gather(experts, x, ids, w):
     t, k = ids.shape
     flat = ids.reshape(-1)
-    up = _select(experts["up_proj"], flat, x.dtype)                                   # [A, F, D]
-    down = _select(experts["down_proj"], flat, x.dtype)                               # [A, D, F]
     xa = jnp.repeat(x, k, axis=0)                                                     # [A, D]
-    y = _ffn(xa, up, down, "ad,afd->af", "af,adf->ad")
+    h = relu2(_gathered_proj(experts["up_proj"], xa, flat, x.dtype)).astype(x.dtype)  # [A, F]
+    y = _gathered_proj(experts["down_proj"], h, flat, x.dtype).astype(x.dtype)        # [A, D] (HF: bf16 outputs)
     return (w[..., None] * y.reshape(t, k, -1).astype(jnp.float32)).sum(1)          # elementwise: exact fp32
 
 
@@ -143,6 +167,21 @@ def _experts_capacity(experts, x, ids, w, capacity):
     return jax.lax.fori_loop(0, n_rounds, one_round, jnp.zeros((t, d), jnp.float32))
 
 
+def _experts_ragged(experts, x, ids, w, grouped_impl):
+    t, k = ids.shape
+    up = dense_weight(experts["up_proj"], x.dtype)                                    # [S, F, D]
+    down = dense_weight(experts["down_proj"], x.dtype)                                # [S, D, F]
+    flat_e = ids.reshape(-1)                                                          # [A], A = T·k
+    order = jnp.argsort(flat_e, stable=True)                                          # sorted position -> assignment
+    sizes = jnp.zeros((up.shape[0],), jnp.int32).at[flat_e].add(1)                    # [S]
+    xs = x[order // k]                                                                # [A, D] dispatch
+    h = grouped_matmul(xs, up, sizes, grouped_impl)                                   # [A, F]
+    ys = grouped_matmul(relu2(h), down, sizes, grouped_impl)                          # [A, D]
+    where = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    rows = ys[where].reshape(t, k, -1).astype(jnp.float32)                            # combine: gather
+    return (w[..., None] * rows).sum(1)
+
+
 def _experts_reference(experts, x, ids, w):
     up, down = dense_weight(experts["up_proj"], x.dtype), dense_weight(experts["down_proj"], x.dtype)
     out = jnp.zeros(x.shape, jnp.float32)
@@ -161,6 +200,8 @@ def moe_experts(experts: dict, x: jax.Array, expert_ids: jax.Array, weights: jax
         return _experts_gather(experts, x, expert_ids, weights)
     if impl == "reference":
         return _experts_reference(experts, x, expert_ids, weights)
+    if impl in _GROUPED:
+        return _experts_ragged(experts, x, expert_ids, weights, _GROUPED[impl])
     if impl == "capacity":
         s = experts["up_proj"].shape[0]
         if capacity is None:

@@ -40,7 +40,7 @@ def test_route_bias_selects_but_does_not_weight(rng):
     np.testing.assert_allclose(np.asarray(w), sel / sel.sum(1, keepdims=True) * 2.5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["capacity", "gather", "reference"])
+@pytest.mark.parametrize("impl", ["capacity", "gather", "ragged", "reference"])
 @pytest.mark.parametrize("groups", [1, 4])
 def test_moe_matches_float64(rng, impl, groups):
     cfg = dataclasses.replace(CFG, n_group=groups, topk_group=2 if groups > 1 else 1)
@@ -60,6 +60,8 @@ def test_capacity_is_dropless_when_skewed(rng):
     ex = _j(p["experts"])
     ref = moe_experts(ex, x, ids, w, impl="reference")
     got = jax.jit(lambda *a: moe_experts(*a, impl="capacity", capacity=8))(ex, x, ids, w)
+    assert _rel(got, np.asarray(ref, np.float64)) < 1e-6
+    got = jax.jit(lambda *a: moe_experts(*a, impl="ragged"))(ex, x, ids, w)        # empty groups 3, 4, 6, 7
     assert _rel(got, np.asarray(ref, np.float64)) < 1e-6
 
 
@@ -86,7 +88,7 @@ def test_slot_buffer_interface(rng):
     resident = [7, 2, 5]                                   # slot i holds expert resident[i]
     buf = jax.tree.map(lambda a: a[jnp.asarray(resident)], ex)
     slot_ids = jnp.asarray(np.vectorize({e: i for i, e in enumerate(resident)}.get)(ids_np), jnp.int32)
-    for impl in ("capacity", "gather"):
+    for impl in ("capacity", "gather", "ragged"):
         got = moe_experts(buf, x, slot_ids, w, impl=impl)
         ref = moe_experts(ex, x, ids, w, impl="reference")
         assert _rel(got, np.asarray(ref, np.float64)) < 1e-6
@@ -101,7 +103,7 @@ def test_quantized_experts_match_their_dequantization(rng):
     x = jnp.asarray(rng.standard_normal((5, cfg.hidden)), jnp.float32)
     w, ids = route(_j(p), x, cfg)
     ref = moe_experts(deq, x, ids, w, impl="reference")
-    for impl in ("capacity", "gather"):
+    for impl in ("capacity", "gather", "ragged"):
         got = moe_experts(q, x, ids, w, impl=impl)
         assert _rel(got, np.asarray(ref, np.float64)) < 1e-5
 
@@ -109,6 +111,25 @@ def test_quantized_experts_match_their_dequantization(rng):
 def test_bad_input(rng):
     p = _j(_params(CFG, rng))
     with pytest.raises(ValueError, match="unknown impl"):
-        moe(p, jnp.ones((2, CFG.hidden)), CFG, impl="ragged")
+        moe(p, jnp.ones((2, CFG.hidden)), CFG, impl="ragged-triton")
     with pytest.raises(ValueError, match="top_k"):
         MoEConfig(hidden=4, num_experts=2, top_k=3, expert_dim=4)
+
+
+@pytest.mark.skipif(jax.devices()[0].platform == "gpu", reason="checks the error raised off-GPU")
+def test_ragged_mgpu_raises_off_hopper(rng):
+    p = _j(_params(CFG, rng), jnp.bfloat16)
+    with pytest.raises(RuntimeError, match="sm_90"):
+        moe(p, jnp.ones((4, CFG.hidden), jnp.bfloat16), CFG, impl="ragged-mgpu")
+
+
+@pytest.mark.gpu
+def test_ragged_mgpu_matches_reference_bf16(rng):
+    cfg = MoEConfig(hidden=256, num_experts=16, top_k=4, expert_dim=128)
+    p = _j(_params(cfg, rng), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((300, cfg.hidden)), jnp.bfloat16)
+    w, ids = route(p, x, cfg)
+    ids = ids.at[:, 0].set(jnp.where(ids[:, 0] == 3, 0, ids[:, 0]))        # leave some groups empty
+    ref = moe_experts(p["experts"], x, ids, w, impl="ragged")
+    got = jax.jit(lambda *a: moe_experts(*a, impl="ragged-mgpu"))(p["experts"], x, ids, w)
+    assert _rel(got, np.asarray(ref, np.float64)) < 1e-2
