@@ -109,7 +109,7 @@ def bench_moe(cfg, params, length: int, iters: int, key) -> dict:
     w, ids = jax.jit(lambda p, x: route(p, x, mc))(layer, xs[0])
     counts = np.bincount(np.asarray(ids).ravel(), minlength=mc.num_experts)
     routed = jax.jit(lambda p, x: moe_experts(p["experts"], x, *route(p, x, mc)[::-1], impl="capacity",
-                                              capacity_factor=mc.capacity_factor))
+                                              capacity_factors=mc.capacity_factors))
     block = jax.jit(lambda p, x: moe(p, x, mc, impl="capacity"))
     a = length * mc.top_k
     k1, k2 = jax.random.split(key)

@@ -103,7 +103,7 @@ def bench_prefill(cfg, layer, xs, impls, iters) -> dict:
     ref = None
     for impl in impls:
         fn = jax.jit(lambda p, x, impl=impl: moe_experts(p["experts"], x, *route(p, x, cfg)[::-1], impl=impl,
-                                                         capacity_factor=cfg.capacity_factor))
+                                                         capacity_factors=cfg.capacity_factors))
         y = np.asarray(fn(layer, xs[0]), np.float64)
         ref = y if ref is None else ref
         t = median_time(fn, [(layer, x) for x in xs], iters)

@@ -167,7 +167,14 @@ def _load_chunk(info: TensorInfo, s: int, e: int, rows: int, counters: dict, sta
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "block_size", "codebook", "rotation", "seed"))
+# GPU compiles of this small program are dominated by XLA's autotuning of its fusions and of the rotation's dot
+# (~4 s per program on the H200; a conversion compiles a few); the untuned defaults are as fast for this memory-bound
+# program (experiments/bench_convert.py reports compile_seconds). CPU ignores the option.
+NO_AUTOTUNE = {"xla_gpu_autotune_level": 0}
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "block_size", "codebook", "rotation", "seed"),
+                   compiler_options=NO_AUTOTUNE)
 def _quantize_program(x, *, bits, block_size, codebook, rotation, seed):
     """``quantize`` of one chunk plus its checks as device outputs, so nothing waits on the host:
     → (packed, norms, all finite(x), all finite(norms))."""

@@ -50,7 +50,7 @@ from hlwq_jax.nn.linear import linear
 from hlwq_jax.nn.attention import AttentionConfig, attention, attention_param_shapes, init_kv_cache
 from hlwq_jax.nn.mamba2 import Mamba2Config, init_mamba2_state, mamba2, mamba2_param_shapes
 from hlwq_jax.nn.mlp import mlp
-from hlwq_jax.nn.moe import MoEConfig, moe, moe_param_shapes
+from hlwq_jax.nn.moe import CAPACITY_FACTORS, MoEConfig, moe, moe_param_shapes
 from hlwq_jax.nn.norms import rms_norm
 
 BLOCK_CODES = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}
@@ -102,7 +102,7 @@ class NemotronHConfig:
     dt_clamp_min: float = 0.0
     dt_clamp_max: float = float("inf")
     ssd_impl: str = "xla"
-    moe_capacity_factor: float = 1.5
+    moe_capacity_factors: tuple[float, ...] = CAPACITY_FACTORS
 
     def __post_init__(self):
         for i, c in enumerate(self.layer_types):
@@ -126,7 +126,7 @@ class NemotronHConfig:
         return MoEConfig(hidden=self.hidden_size, num_experts=self.n_routed_experts, top_k=self.num_experts_per_tok,
                          expert_dim=self.moe_intermediate_size, shared_dim=self.moe_shared_expert_intermediate_size,
                          routed_scaling=self.routed_scaling_factor, norm_topk_prob=self.norm_topk_prob,
-                         n_group=self.n_group, topk_group=self.topk_group, capacity_factor=self.moe_capacity_factor)
+                         n_group=self.n_group, topk_group=self.topk_group, capacity_factors=self.moe_capacity_factors)
 
     @property
     def attention(self) -> AttentionConfig:

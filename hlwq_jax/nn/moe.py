@@ -2,7 +2,7 @@
 
 Public signatures:
   MoEConfig(hidden, num_experts, top_k, expert_dim, shared_dim=0, routed_scaling=1.0, norm_topk_prob=True,
-            n_group=1, topk_group=1, capacity_factor=1.5)                                   frozen
+            n_group=1, topk_group=1, capacity_factors=(1.25, 1.5, 1.75, 2.0, 2.5, 3.0))        frozen
   moe_param_shapes(cfg) -> nested {name: shape}:
       router [E, D], router_bias [E] (e_score_correction_bias, fp32), experts {up_proj [E, F, D], down_proj [E, D, F]},
       shared {up_proj [Fs, D], down_proj [D, Fs]} when shared_dim > 0.
@@ -12,7 +12,8 @@ Public signatures:
       × routed_scaling.
   moe(params, x, cfg, impl="capacity") -> y                                         x [..., D] -> [..., D]
       y = cast(moe_experts(...)) + relu2-MLP(shared)(x).
-  moe_experts(experts, x, expert_ids, weights, impl="capacity", capacity=None, capacity_factor=1.5) -> [T, D] f32
+  moe_experts(experts, x, expert_ids, weights, impl="capacity", capacity=None, capacity_factors=CAPACITY_FACTORS)
+      -> [T, D] f32
       The routed computation alone, y_t = Σ_j weights[t, j] · down_e(relu(up_e(x_t))²), e = expert_ids[t, j].
       `experts` = {"up_proj": [S, F, D], "down_proj": [S, D, F]} — any stack of S expert slots: expert_ids index its
       leading axis, so an offload engine can pass a device slot buffer and ids already mapped expert → slot.
@@ -22,8 +23,11 @@ Public signatures:
             i = 0, 1, ... processes ranks [iC, (i+1)C) of every expert as one batched matmul [S, C, D] x [S, F, D]
             (dispatch: a gather of token rows; combine: a gather of each token's k result rows, no scatter-add),
             looping (lax.while_loop) until the largest group is exhausted — no token is ever dropped, and a round
-            reads every slot's weights once. C = `capacity`, or ceil(capacity_factor · T·k / S) rounded up to a
-            multiple of 8 and at least 16 (so that small decode batches finish in one round).
+            reads every slot's weights once. C = `capacity` if given; else the smallest candidate
+            ceil(f · T·k / S) (f in `capacity_factors`, rounded up to a multiple of 16, at least 16) that holds the
+            largest group, chosen at run time by lax.switch among one compiled branch per candidate (the largest
+            candidate loops over rounds when even it is too small), so uneven routing costs S·C rows with C just
+            above the largest group instead of a second full round.
         "gather" (decode): gathers only the selected experts' weights (T·k of them) — use when T·k << S; HLWQ
             experts are contracted in the rotated domain (activations rotated, codes looked up in the reduction).
         "ragged" / "ragged-mgpu" (prefill; dropless, no padding FLOPs): assignments sorted by expert, one grouped
@@ -37,6 +41,7 @@ Public signatures:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -50,6 +55,7 @@ from hlwq_jax.ops.hlwq_matmul.rotate import rotate_activations
 from hlwq_jax.ops.hlwq_matmul.xla import codes_and_norms
 from hlwq_jax.quant.array import HLWQArray
 
+CAPACITY_FACTORS = (1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 IMPLS = ("capacity", "gather", "ragged", "ragged-mgpu", "reference")
 _GROUPED = {"ragged": "xla", "ragged-mgpu": "mosaic_gpu"}
 
@@ -65,9 +71,11 @@ class MoEConfig:
     norm_topk_prob: bool = True
     n_group: int = 1
     topk_group: int = 1
-    capacity_factor: float = 1.5
+    capacity_factors: tuple[float, ...] = CAPACITY_FACTORS
 
     def __post_init__(self):
+        if not self.capacity_factors or any(f <= 0 for f in self.capacity_factors):
+            raise ValueError(f"MoEConfig: capacity_factors {self.capacity_factors} must be positive and non-empty")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"MoEConfig: top_k {self.top_k} not in [1, num_experts={self.num_experts}]")
         if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
@@ -110,11 +118,22 @@ def _select(w, idx, dtype):
     return w.take(idx).dequantize(dtype)
 
 
-def _ffn(h_in, up, down, spec_up, spec_down):
-    """relu2 expert FFN, fp32 accumulation; activation and output in the input dtype (as HF: bf16 expert outputs)."""
+def _ffn(h_in, up, down, spec_up, spec_down, rot_down=lambda h: h):
+    """relu2 expert FFN, fp32 accumulation; activation and output in the input dtype (as HF: bf16 expert outputs).
+    rot_down maps the down projection's input rows into its weight's domain (see _operand)."""
     h = jnp.einsum(spec_up, h_in, up, preferred_element_type=jnp.float32)
-    y = jnp.einsum(spec_down, relu2(h).astype(h_in.dtype), down, preferred_element_type=jnp.float32)
+    y = jnp.einsum(spec_down, rot_down(relu2(h).astype(h_in.dtype)), down, preferred_element_type=jnp.float32)
     return y.astype(h_in.dtype)
+
+
+def _operand(w, dtype):
+    """(stacked weight [S, out, in'] in dtype for a batched / grouped matmul, map of activation rows [..., in] →
+    [..., in'] in dtype). An HLWQ stack stays in its rotated domain — Ŵ_rot = r · c[code] / √B, in' = padded in —
+    and the rows are rotated instead (a [.., B] × [B, B] transform per row, not one per weight row). Other leaves are
+    dequantized; dense arrays pass through."""
+    if isinstance(w, HLWQArray):
+        return w.rotated_values(dtype), lambda r: rotate_activations(r, w).astype(dtype)
+    return dense_weight(w, dtype), lambda r: r
 
 
 def _gathered_proj(w, rows, idx, dtype):
@@ -140,43 +159,51 @@ def _experts_gather(experts, x, ids, w):
     return (w[..., None] * y.reshape(t, k, -1).astype(jnp.float32)).sum(1)          # elementwise: exact fp32
 
 
-def _experts_capacity(experts, x, ids, w, capacity):
+def _experts_capacity(experts, x, ids, w, capacities: tuple[int, ...]):
     t, k = ids.shape
-    up = dense_weight(experts["up_proj"], x.dtype)                                          # [S, F, D]
-    down = dense_weight(experts["down_proj"], x.dtype)
+    up, rot_up = _operand(experts["up_proj"], x.dtype)                                     # [S, F, D']
+    down, rot_down = _operand(experts["down_proj"], x.dtype)                               # [S, D, F']
     s, d = up.shape[0], x.shape[-1]
+    xr = rot_up(x)                                                                         # [T, D']
     flat_e = ids.reshape(-1)
     order = jnp.argsort(flat_e, stable=True)                                         # assignments sorted by expert
     counts = jnp.zeros((s,), jnp.int32).at[flat_e].add(1)
     rank_sorted = jnp.arange(flat_e.shape[0], dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[flat_e[order]]
     rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted).reshape(t, k)     # rank within its expert
-    n_rounds = (jnp.max(counts) + capacity - 1) // capacity
-    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])                           # row t = padding
+    x_pad = jnp.concatenate([xr, jnp.zeros((1, xr.shape[-1]), x.dtype)])              # row t = padding
     tok_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)).reshape(-1)
+    largest = jnp.max(counts)
 
-    def one_round(i, acc):
-        local = rank - i * capacity
-        valid = (local >= 0) & (local < capacity)
-        dest = jnp.where(valid, ids * capacity + local, s * capacity)                  # [T, k] slot or pad
-        tok = jnp.full((s * capacity + 1,), t, jnp.int32).at[dest.reshape(-1)].set(tok_ids)[:-1]   # dispatch
-        xe = x_pad[tok].reshape(s, capacity, d)
-        y = _ffn(xe, up, down, "scd,sfd->scf", "scf,sdf->scd").reshape(s * capacity, d)
-        rows = y[jnp.minimum(dest, s * capacity - 1)].astype(jnp.float32)     # [T, k, D] combine: gather, no atomics
-        return acc + (jnp.where(valid, w, 0.0)[..., None] * rows.reshape(t, k, d)).sum(1)
+    def rounds(capacity, up, down, x_pad, rank, w):
+        def one_round(i, acc):
+            local = rank - i * capacity
+            valid = (local >= 0) & (local < capacity)
+            dest = jnp.where(valid, ids * capacity + local, s * capacity)              # [T, k] slot or pad
+            tok = jnp.full((s * capacity + 1,), t, jnp.int32).at[dest.reshape(-1)].set(tok_ids)[:-1]   # dispatch
+            xe = x_pad[tok].reshape(s, capacity, -1)
+            y = _ffn(xe, up, down, "scd,sfd->scf", "scf,sdf->scd", rot_down).reshape(s * capacity, d)
+            rows = y[jnp.minimum(dest, s * capacity - 1)].astype(jnp.float32)   # [T, k, D] combine: gather, no atomics
+            return acc + (jnp.where(valid, w, 0.0)[..., None] * rows.reshape(t, k, d)).sum(1)
+        n_rounds = (largest + capacity - 1) // capacity
+        return jax.lax.fori_loop(0, n_rounds, one_round, jnp.zeros((t, d), jnp.float32))
 
-    return jax.lax.fori_loop(0, n_rounds, one_round, jnp.zeros((t, d), jnp.float32))
+    branches = [functools.partial(rounds, c) for c in capacities]
+    if len(branches) == 1:
+        return branches[0](up, down, x_pad, rank, w)
+    pick = jnp.sum(largest > jnp.asarray(capacities[:-1], jnp.int32))               # first candidate >= largest
+    return jax.lax.switch(pick, branches, up, down, x_pad, rank, w)
 
 
 def _experts_ragged(experts, x, ids, w, grouped_impl):
     t, k = ids.shape
-    up = dense_weight(experts["up_proj"], x.dtype)                                    # [S, F, D]
-    down = dense_weight(experts["down_proj"], x.dtype)                                # [S, D, F]
+    up, rot_up = _operand(experts["up_proj"], x.dtype)                               # [S, F, D']
+    down, rot_down = _operand(experts["down_proj"], x.dtype)                         # [S, D, F']
     flat_e = ids.reshape(-1)                                                          # [A], A = T·k
     order = jnp.argsort(flat_e, stable=True)                                          # sorted position -> assignment
     sizes = jnp.zeros((up.shape[0],), jnp.int32).at[flat_e].add(1)                    # [S]
-    xs = x[order // k]                                                                # [A, D] dispatch
+    xs = rot_up(x)[order // k]                                                        # [A, D'] dispatch
     h = grouped_matmul(xs, up, sizes, grouped_impl)                                   # [A, F]
-    ys = grouped_matmul(relu2(h), down, sizes, grouped_impl)                          # [A, D]
+    ys = grouped_matmul(rot_down(relu2(h)), down, sizes, grouped_impl)                # [A, D]
     where = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     rows = ys[where].reshape(t, k, -1).astype(jnp.float32)                            # combine: gather
     return (w[..., None] * rows).sum(1)
@@ -191,8 +218,14 @@ def _experts_reference(experts, x, ids, w):
     return out
 
 
+def capacity_candidates(assignments: int, slots: int, factors: tuple[float, ...]) -> tuple[int, ...]:
+    """Sorted distinct capacities ceil(f · assignments / slots), rounded up to a multiple of 16, at least 16."""
+    caps = {max(16, -(-math.ceil(f * assignments / slots) // 16) * 16) for f in factors}
+    return tuple(sorted(caps))
+
+
 def moe_experts(experts: dict, x: jax.Array, expert_ids: jax.Array, weights: jax.Array, impl: str = "capacity",
-                capacity: int | None = None, capacity_factor: float = 1.5) -> jax.Array:
+                capacity: int | None = None, capacity_factors: tuple[float, ...] = CAPACITY_FACTORS) -> jax.Array:
     """Routed expert sum (fp32) for x [T, D]; see module docstring."""
     if expert_ids.shape != weights.shape or expert_ids.ndim != 2 or expert_ids.shape[0] != x.shape[0]:
         raise ValueError(f"moe_experts: ids {expert_ids.shape}, weights {weights.shape}, x {x.shape} disagree")
@@ -203,11 +236,9 @@ def moe_experts(experts: dict, x: jax.Array, expert_ids: jax.Array, weights: jax
     if impl in _GROUPED:
         return _experts_ragged(experts, x, expert_ids, weights, _GROUPED[impl])
     if impl == "capacity":
-        s = experts["up_proj"].shape[0]
-        if capacity is None:
-            capacity = math.ceil(capacity_factor * expert_ids.size / s)
-            capacity = max(16, -(-capacity // 8) * 8)
-        return _experts_capacity(experts, x, expert_ids, weights, int(capacity))
+        caps = (int(capacity),) if capacity is not None else capacity_candidates(
+            expert_ids.size, experts["up_proj"].shape[0], capacity_factors)
+        return _experts_capacity(experts, x, expert_ids, weights, caps)
     raise ValueError(f"moe_experts: unknown impl {impl!r}; expected one of {IMPLS}")
 
 
@@ -219,7 +250,7 @@ def moe(params: dict, x: jax.Array, cfg: MoEConfig, impl: str = "capacity") -> j
         w, ids = route(params, xt, cfg)
     with jax.named_scope("moe_experts"):
         y = moe_experts(params["experts"], xt, ids, w, impl=impl,
-                        capacity_factor=cfg.capacity_factor).astype(x.dtype)
+                        capacity_factors=cfg.capacity_factors).astype(x.dtype)
     if cfg.shared_dim:
         with jax.named_scope("moe_shared"):
             y = y + mlp(params["shared"], xt, "relu2")

@@ -94,11 +94,14 @@ def test_slot_buffer_interface(rng):
         assert _rel(got, np.asarray(ref, np.float64)) < 1e-6
 
 
-def test_quantized_experts_match_their_dequantization(rng):
+@pytest.mark.parametrize("hidden,inter,rotation", [(32, 64, "hadamard"), (40, 50, "random-hadamard")])
+def test_quantized_experts_match_their_dequantization(rng, hidden, inter, rotation):
+    """Every impl contracts HLWQ experts in the rotated domain (ins padded to the block when not a multiple)."""
     from hlwq_jax.quant.hlwq import quantize
-    cfg = dataclasses.replace(CFG, hidden=32, expert_dim=64, shared_dim=0)
+    cfg = dataclasses.replace(CFG, hidden=hidden, expert_dim=inter, shared_dim=0)
     p = _params(cfg, rng)
-    q = {k: quantize(jnp.asarray(v, jnp.float32), bits=4, block_size=32) for k, v in p["experts"].items()}
+    q = {k: quantize(jnp.asarray(v, jnp.float32), bits=4, block_size=32, rotation=rotation, seed=3)
+         for k, v in p["experts"].items()}
     deq = {k: v.dequantize(jnp.float32) for k, v in q.items()}
     x = jnp.asarray(rng.standard_normal((5, cfg.hidden)), jnp.float32)
     w, ids = route(_j(p), x, cfg)
@@ -133,3 +136,25 @@ def test_ragged_mgpu_matches_reference_bf16(rng):
     ref = moe_experts(p["experts"], x, ids, w, impl="ragged")
     got = jax.jit(lambda *a: moe_experts(*a, impl="ragged-mgpu"))(p["experts"], x, ids, w)
     assert _rel(got, np.asarray(ref, np.float64)) < 1e-2
+
+
+def test_capacity_candidates_and_switch(rng):
+    from hlwq_jax.nn.moe import capacity_candidates
+    assert capacity_candidates(4096 * 6, 128, (1.25, 1.5, 2.0)) == (240, 288, 384)
+    assert capacity_candidates(6, 128, (1.25, 3.0)) == (16,)
+    p = _params(CFG, rng)
+    ex = _j(p["experts"])
+    x = jnp.asarray(rng.standard_normal((48, CFG.hidden)), jnp.float32)
+    w = jnp.asarray(rng.uniform(0.1, 1.0, (48, 3)), jnp.float32)
+    fns = [jax.jit(lambda *a, f=f: moe_experts(*a, impl="capacity", capacity_factors=f))
+           for f in ((1.0, 2.0, 3.0), (1.0,))]          # candidates (32, 48, 64) and (32,)
+    for skew in (0, 20, 48):  # largest group ~18, ~30, 48: branches 32, 32, 48 of the first; 1, 1, 2 rounds of the 2nd
+        ids = np.stack([np.arange(48) % 8, (np.arange(48) + 1) % 8, (np.arange(48) + 2) % 8], 1)
+        ids[:skew, 0] = 7
+        ids[:skew, 1] = np.where(ids[:skew, 1] == 7, 6, ids[:skew, 1])
+        ids[:skew, 2] = np.where(ids[:skew, 2] == 7, 5, ids[:skew, 2])
+        ids[:skew, 2] = np.where(ids[:skew, 2] == ids[:skew, 1], (ids[:skew, 1] + 1) % 7, ids[:skew, 2])
+        ids = jnp.asarray(ids, jnp.int32)
+        ref = moe_experts(ex, x, ids, w, impl="reference")
+        for fn in fns:
+            assert _rel(fn(ex, x, ids, w), np.asarray(ref, np.float64)) < 1e-6
