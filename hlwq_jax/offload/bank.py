@@ -3,13 +3,18 @@
 A layer's experts are a dict ``{name: leaf}`` of stacked weights, each leaf a ``jax.Array``/``np.ndarray``
 [E, out, in] or an ``HLWQArray`` of shape [E, out, in]. A bank splits them into per-expert *fields* — the arrays one
 expert owns (a plain leaf: itself; an HLWQArray: ``packed`` and ``norms``; its ``codebook`` is shared and kept on the
-device) — and stores field arrays of every expert in host memory. ``fetch(experts)`` moves all fields of all given
-experts to the device in **one** ``jax.device_put`` call; ``build(fields, n)`` reassembles a weight dict with leading
-dimension n from stacked device fields (the slot buffer of a cache or the all-resident weights).
+device) — and stores each expert as ONE contiguous uint8 *row* [expert_nbytes]: the raw bytes of its fields, in
+``specs`` order (``expert_row``). ``fetch(experts)`` moves the rows of all given experts to the device in **one**
+``jax.device_put`` call (one host→device copy per expert, not one per field: a Q5 expert has four fields, two of
+them ~80 KB norms, and every array copied pays a fixed cost); ``split_rows`` cuts device rows back into typed
+fields by slicing and bitcasting (traceable: the cache does it inside its jitted, donated install);
+``build(fields, n)`` reassembles a weight dict with leading dimension n from stacked device fields (the slot buffer of
+a cache or the all-resident weights).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -80,6 +85,29 @@ def split_layer(weights: dict) -> tuple[list[FieldSpec], list[np.ndarray], dict,
     return specs, arrays, layout, int(n_exp)
 
 
+def expert_row(fields: Sequence[np.ndarray]) -> np.ndarray:
+    """One expert's field arrays (``specs`` order) as one contiguous uint8 row: their raw bytes, concatenated."""
+    return np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(-1) for a in fields])
+
+
+def split_rows(specs: Sequence[FieldSpec], rows: jax.Array) -> list[jax.Array]:
+    """uint8 rows [M, expert_nbytes] -> per field [M, *shape] of its dtype, bit for bit (slice + bitcast)."""
+    if rows.ndim != 2 or rows.dtype != jnp.uint8 or rows.shape[1] != sum(s.nbytes for s in specs):
+        raise ValueError(f"expert rows must be uint8 [M, {sum(s.nbytes for s in specs)}], got {rows.dtype} "
+                         f"{rows.shape}")
+    out, off, m = [], 0, rows.shape[0]
+    for s in specs:
+        dt = np.dtype(_np_dtype(s.dtype))
+        raw = rows[:, off:off + s.nbytes].reshape(m, -1, dt.itemsize)  # [M, n_elements, itemsize]
+        if dt == np.uint8:
+            field = raw[..., 0]
+        else:
+            field = jax.lax.bitcast_convert_type(raw if dt.itemsize > 1 else raw[..., 0], dt)
+        out.append(field.reshape(m, *s.shape))
+        off += s.nbytes
+    return out
+
+
 def build_weights(specs: Sequence[FieldSpec], layout: dict, fields: Sequence, n: int) -> dict:
     """Reassemble ``{name: leaf}`` with leading dimension ``n`` from stacked field arrays (order of ``specs``)."""
     by_leaf: dict[str, dict] = {}
@@ -97,7 +125,7 @@ def build_weights(specs: Sequence[FieldSpec], layout: dict, fields: Sequence, n:
 
 
 class _Bank:
-    """Common part: field layout, device placement, slot buffers. Subclasses provide ``_host_fields(e)``."""
+    """Common part: field layout, device placement, slot buffers. Subclasses provide ``_host_row(e)``."""
 
     def __init__(self, specs, layout, n_experts, device=None):
         self.specs, self.layout, self.n_experts = list(specs), layout, int(n_experts)
@@ -122,16 +150,13 @@ class _Bank:
             if not 0 <= int(e) < self.n_experts:
                 raise ValueError(f"expert id {e} outside [0, {self.n_experts})")
 
-    def fetch(self, experts: Sequence[int]) -> list[list[jax.Array]]:
-        """Device copies of the fields of ``experts`` ([len(experts)][n_fields]) in ONE device_put; [] if none."""
+    def fetch(self, experts: Sequence[int]) -> list[jax.Array]:
+        """Device copies of the rows (uint8 [expert_nbytes]) of ``experts``, in ONE device_put; [] if none."""
         experts = [int(e) for e in experts]
         if not experts:
             return []
         self._check_ids(experts)
-        flat = [a for e in experts for a in self._host_fields(e)]
-        moved = jax.device_put(flat, self.device_sharding)
-        nf = len(self.specs)
-        return [moved[i * nf:(i + 1) * nf] for i in range(len(experts))]
+        return jax.device_put([self._host_row(e) for e in experts], self.device_sharding)
 
     def empty_slots(self, slots: int) -> list[jax.Array]:
         """Zero slot buffers [slots, ...] per field, on the device."""
@@ -143,12 +168,17 @@ class _Bank:
 
     def all_resident(self) -> dict:
         """Every expert on the device, stacked [E, ...] (the all-resident baseline)."""
-        moved = self.fetch(range(self.n_experts))
-        return self.build([jnp.stack([m[i] for m in moved]) for i in range(len(self.specs))], self.n_experts)
+        return self.build(_stack_split(tuple(self.fetch(range(self.n_experts))), specs=tuple(self.specs)),
+                          self.n_experts)
+
+
+@functools.partial(jax.jit, static_argnames=("specs",))
+def _stack_split(rows, *, specs):
+    return split_rows(specs, jnp.stack(rows))
 
 
 class HostBank(_Bank):
-    """The experts' fields as per-expert arrays in host memory of kind ``memory_kind`` (default ``pinned_host``)."""
+    """One uint8 row per expert (``expert_row``) in host memory of kind ``memory_kind`` (default ``pinned_host``)."""
 
     def __init__(self, weights: dict, *, memory_kind: str = "pinned_host", device=None):
         specs, arrays, layout, n_exp = split_layer(weights)
@@ -158,27 +188,31 @@ class HostBank(_Bank):
             raise ValueError(f"memory kind {memory_kind!r} not available on {self.device} (has {sorted(kinds)})")
         self.memory_kind = memory_kind
         host = jax.sharding.SingleDeviceSharding(self.device, memory_kind=memory_kind)
-        # per expert, one host array per field (a stacked host array cannot be sliced outside jit); one device_put
-        nf = len(arrays)
-        placed = jax.device_put([np.ascontiguousarray(a[e]) for e in range(n_exp) for a in arrays], host)
-        self._fields = [placed[e * nf:(e + 1) * nf] for e in range(n_exp)]
+        # per expert one host row (a stacked host array cannot be sliced outside jit); one device_put for all
+        self._rows = jax.device_put([expert_row([a[e] for a in arrays]) for e in range(n_exp)], host)
 
     @classmethod
-    def from_fields(cls, specs, layout, per_expert: list[list[jax.Array]], *, device=None) -> "HostBank":
-        """Wrap already-placed per-expert host arrays (used to build large banks without a stacked copy)."""
+    def from_rows(cls, specs, layout, rows: list[jax.Array], *, device=None) -> "HostBank":
+        """Wrap already-placed per-expert host rows (uint8 [expert_nbytes], e.g. from ``expert_row``; used to build
+        large banks without a stacked copy)."""
         self = cls.__new__(cls)
-        _Bank.__init__(self, specs, layout, len(per_expert), device)
-        self.memory_kind = per_expert[0][0].sharding.memory_kind
-        self._fields = per_expert
+        _Bank.__init__(self, specs, layout, len(rows), device)
+        bad = [i for i, r in enumerate(rows) if r.dtype != np.uint8 or r.shape != (self.expert_nbytes,)]
+        if bad:
+            raise ValueError(f"host bank: row {bad[0]} is {rows[bad[0]].dtype} {rows[bad[0]].shape}, expected uint8 "
+                             f"({self.expert_nbytes},)")
+        self.memory_kind = rows[0].sharding.memory_kind
+        self._rows = list(rows)
         return self
 
-    def _host_fields(self, e: int):
-        return self._fields[e]
+    def _host_row(self, e: int):
+        return self._rows[e]
 
 
 class DiskBank(_Bank):
-    """A bank memory-mapped from a directory written by ``DiskBank.save`` (one raw [E, ...] file per field and a
-    ``manifest.json``). Fetches read the rows through the OS page cache (pageable memory: slower than pinned)."""
+    """A bank memory-mapped from a directory written by ``DiskBank.save`` (``rows.bin``: the experts' rows, uint8
+    [E, expert_nbytes], and a ``manifest.json``). Fetches read the rows through the OS page cache (pageable memory:
+    slower than pinned), without a host copy."""
 
     def __init__(self, path: str | os.PathLike, *, device=None):
         path = os.fspath(path)
@@ -193,13 +227,11 @@ class DiskBank(_Bank):
             if lay["kind"] == "hlwq":
                 lay["codebook"] = np.asarray(lay["codebook"], np.float32)
         super().__init__(specs, layout, man["n_experts"], device)
-        self._maps = []
-        for i, s in enumerate(specs):
-            fn = os.path.join(path, f"field{i}.bin")
-            want = s.nbytes * self.n_experts
-            if not os.path.exists(fn) or os.path.getsize(fn) != want:
-                raise ValueError(f"disk bank {path!r}: {fn} missing or not {want} bytes")
-            self._maps.append(np.memmap(fn, dtype=_np_dtype(s.dtype), mode="r", shape=(self.n_experts, *s.shape)))
+        fn = os.path.join(path, "rows.bin")
+        want = self.expert_nbytes * self.n_experts
+        if not os.path.exists(fn) or os.path.getsize(fn) != want:
+            raise ValueError(f"disk bank {path!r}: {fn} missing or not {want} bytes")
+        self._map = np.memmap(fn, dtype=np.uint8, mode="r", shape=(self.n_experts, self.expert_nbytes))
 
     @staticmethod
     def save(path: str | os.PathLike, weights: dict) -> None:
@@ -209,8 +241,9 @@ class DiskBank(_Bank):
         parent = os.path.dirname(os.path.abspath(path))
         tmp = tempfile.mkdtemp(prefix=".bank-", dir=parent)
         try:
-            for i, a in enumerate(arrays):
-                np.ascontiguousarray(a).tofile(os.path.join(tmp, f"field{i}.bin"))
+            with open(os.path.join(tmp, "rows.bin"), "wb") as f:
+                for e in range(n_exp):
+                    expert_row([a[e] for a in arrays]).tofile(f)
             lay = {k: {**v, **({"codebook": v["codebook"].tolist()} if v["kind"] == "hlwq" else {})}
                    for k, v in layout.items()}
             man = {"n_experts": n_exp, "layout": lay, "fields": [dataclasses.asdict(s) for s in specs]}
@@ -224,5 +257,5 @@ class DiskBank(_Bank):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def _host_fields(self, e: int):
-        return [np.ascontiguousarray(m[e]) for m in self._maps]
+    def _host_row(self, e: int):
+        return self._map[e]

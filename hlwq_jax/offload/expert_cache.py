@@ -5,7 +5,8 @@ Flow of one MoE layer call (``cached_moe``):
   2. split the tokens into groups whose expert union fits in C slots (one group unless C is too small: prefill,
      batches) — never drop an expert;
   3. per group: one policy access step on the union (policy.py's counting rule), all misses fetched in ONE
-     ``device_put`` (or taken from a prefetch), installed with a jitted scatter that donates the slot buffers;
+     ``device_put`` of one contiguous uint8 row per expert (or taken from a prefetch), installed by ONE jitted call
+     that donates the slot buffers: stack the rows, split them into fields (slice + bitcast), scatter per field;
   4. the routed FFN runs on the slot buffers with ids mapped through the expert→slot map; with several groups each
      pass runs on all T tokens (same shapes as the all-resident call) and ``where`` keeps a token's result from its
      own group — so the output equals the all-resident output bit for bit (same function, same shapes).
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hlwq_jax.offload import policy as P
-from hlwq_jax.offload.bank import _Bank
+from hlwq_jax.offload.bank import FieldSpec, _Bank, split_rows
 from hlwq_jax.nn.moe import moe_experts
 
 
@@ -64,10 +65,11 @@ class LayerStats:
                              for f in dataclasses.fields(self)})
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _install(buffers, slots, new):
-    """buffers: tuple of [C, ...]; slots int32 [M]; new: tuple (per field) of tuples of M arrays. In place."""
-    return tuple(b.at[slots].set(jnp.stack(n).astype(b.dtype)) for b, n in zip(buffers, new))
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("specs",))
+def _install(buffers, slots, rows, *, specs: tuple[FieldSpec, ...]):
+    """buffers: per field [C, ...]; slots int32 [M]; rows: M uint8 expert rows [expert_nbytes]. In place."""
+    new = split_rows(specs, jnp.stack(rows))
+    return tuple(b.at[slots].set(n) for b, n in zip(buffers, new))
 
 
 class LayerCache:
@@ -81,10 +83,11 @@ class LayerCache:
         self.slot_of: dict[int, int] = {}
         self.free = list(range(slots))
         self.buffers = tuple(bank.empty_slots(slots))
+        self._specs = tuple(bank.specs)  # static argument of the install
         self.stats = LayerStats()
         self.version = 0  # bumped whenever the expert→slot map changes
         self._built: tuple | None = None  # (buffers, weight dict) of the last ``weights()`` call
-        self._staged: dict[int, list[jax.Array]] = {}
+        self._staged: dict[int, jax.Array] = {}  # prefetched expert rows not yet installed
 
     def slot_map(self) -> np.ndarray:
         """int32 [E]: slot of each resident expert, −1 for the others."""
@@ -104,8 +107,8 @@ class LayerCache:
         """Start ONE transfer of the predicted experts that are neither resident nor staged; they are installed
         (and counted as misses) only if a later ``ensure`` needs them. Returns the number of experts staged."""
         want = [int(e) for e in dict.fromkeys(experts) if e not in self.slot_of and e not in self._staged]
-        for e, arrs in zip(want, self.bank.fetch(want)):
-            self._staged[e] = arrs
+        for e, row in zip(want, self.bank.fetch(want)):
+            self._staged[e] = row
         if want:
             self.stats.transfers += 1
             self.stats.bytes_moved += len(want) * self.bank.expert_nbytes
@@ -147,19 +150,18 @@ class LayerCache:
         pad = (1 << (m - 1).bit_length()) - m  # pad M to a power of two (repeat the last pair) to bound retraces
         order = misses + [misses[-1]] * pad
         idx = jnp.asarray(slots + [slots[-1]] * pad, jnp.int32)
-        new = tuple(tuple(fetched[e][i] for e in order) for i in range(len(self.buffers)))
-        self.buffers = _install(self.buffers, idx, new)
+        self.buffers = _install(self.buffers, idx, tuple(fetched[e] for e in order), specs=self._specs)
 
     def precompile(self) -> None:
         """Compile the install scatter for every padded miss count (powers of two ≤ C) before timing; only on an
         empty cache (it writes zeros into the slots)."""
         if self.slot_of:
             raise ValueError("precompile() needs an empty cache")
-        zeros = self.bank.empty_slots(1)
+        zero = jax.device_put(np.zeros(self.bank.expert_nbytes, np.uint8), self.bank.device_sharding)
         m = 1
         while m <= self.slots:
-            new = tuple(tuple(z[0] for _ in range(m)) for z in zeros)
-            self.buffers = _install(self.buffers, jnp.arange(m, dtype=jnp.int32), new)
+            self.buffers = _install(self.buffers, jnp.arange(m, dtype=jnp.int32), (zero,) * m,
+                                    specs=self._specs)
             m *= 2
         jax.block_until_ready(self.buffers)
 

@@ -1,8 +1,12 @@
 """Benchmark harnesses for experiments/bench_offload.py: random-weight models with host expert banks.
 
-Both harnesses expose: ``banks``, ``top_k``, ``n_experts``; ``resident(restricted) -> [(name, step, is_reference)]``
+Both harnesses expose: ``banks``, ``top_k``, ``n_experts``; ``resident(restricted) -> [(name, run, is_reference)]``
 (all-resident variants; the first is the primary baseline, the reference one uses the cached path's exact calls);
-``cached(slots, policy, prefetch, restricted, speculative=False) -> (step, OffloadedMoE)``; ``record(recorder)``; ``drop_resident()``. ``step(i)`` decodes token i (i = 0 starts a fresh sequence) and returns its output.
+``cached(slots, policy, prefetch, restricted, speculative=False) -> (run, OffloadedMoE)``; ``record(recorder)``;
+``drop_resident()``. ``run(start, n)`` decodes tokens start .. start+n−1 (start = 0 begins a fresh sequence, else it
+must continue where the previous call stopped) and returns their outputs as device arrays, without waiting for them
+(the caller times a whole run: batch-1 decode loops overlap host dispatch with device work where they can).
+``MoEOnlyHarness.speculative_pass(moe)``: a ``run`` of bare speculative passes (the pipelined loop's device floor).
 ``restricted`` adds a +100 selection bias to experts [0, min slots) in every router, so routing stays inside the
 smallest cache (the no-miss measurement).
 """
@@ -15,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from hlwq_jax.models import nemotron_h as nh
-from hlwq_jax.offload.bank import HostBank, split_layer
+from hlwq_jax.offload.bank import HostBank, expert_row, split_layer
 from hlwq_jax.offload.expert_cache import routed_experts
-from hlwq_jax.offload.moe_stack import (OffloadConfig, OffloadedMoE, eager_resident_step, moe_only_decode_step,
-                                        resident_decode_step, route_layer)
+from hlwq_jax.offload.moe_stack import (OffloadConfig, OffloadedMoE, eager_resident_step, moe_only_decode,
+                                        resident_decode_step, residual_add, route_layer, speculative_stack,
+                                        token_input)
 from hlwq_jax.offload.nemotron import OffloadedNemotronH
 from hlwq_jax.quant.hlwq import quantize
 
@@ -38,15 +43,14 @@ def build_banks(n_layers: int, n_experts: int, hidden: int, inter: int, precisio
     else:
         raise ValueError(f"unknown bank precision {precision!r} (bf16 | q5)")
     specs, arrays, layout, _ = split_layer(weights)
+    rows = [expert_row([a[u] for a in arrays]) for u in range(unique)]
     dev = jax.devices()[0]
     host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
-    nf, banks = len(specs), []
+    banks = []
     for l in range(n_layers):
-        flat = [arrays[i][(l * n_experts + e) % unique] for e in range(n_experts) for i in range(nf)]
-        placed = jax.device_put(flat, host)  # numpy -> pinned host, one call per layer
-        per_expert = [placed[e * nf:(e + 1) * nf] for e in range(n_experts)]
-        banks.append(HostBank.from_fields(specs, {k: dict(v) for k, v in layout.items()}, per_expert, device=dev))
-    jax.block_until_ready([b._fields for b in banks])
+        placed = jax.device_put([rows[(l * n_experts + e) % unique] for e in range(n_experts)], host)  # one call
+        banks.append(HostBank.from_rows(specs, {k: dict(v) for k, v in layout.items()}, placed, device=dev))
+    jax.block_until_ready([b._rows for b in banks])
     return banks
 
 
@@ -84,8 +88,50 @@ def _restrict_bias(bias, n):
     return bias.at[:n].add(100.0)
 
 
+def _runner(decode):
+    """``run(start, n)`` over ``decode(start, n)``, checking that runs continue where the previous one stopped."""
+    state = {"next": 0}
+
+    def run(start, n):
+        if start not in (0, state["next"]):
+            raise ValueError(f"harness: run(start={start}) must start at 0 or continue at {state['next']}")
+        outs = decode(start, n)
+        state["next"] = start + n
+        return outs
+
+    return run
+
+
+def _chain(xs, decode_n):
+    """``run`` for the stand-in model: ``decode_n(embeds, prev)`` over the token embeddings ``xs[start:start + n]``,
+    carrying the last output between runs (``moe_stack.token_input``)."""
+    last = {}
+
+    def decode(start, n):
+        if start + n > len(xs):
+            raise ValueError(f"harness: tokens {start}..{start + n - 1} requested, {len(xs)} embeddings built")
+        outs = decode_n(xs[start:start + n], last["y"] if start else None)
+        last["y"] = outs[-1]
+        return outs
+
+    return _runner(decode)
+
+
+def _loop(step):
+    """decode_n for a one-token step function x -> out: chained calls, not waited for."""
+    def decode_n(embeds, prev):
+        outs = []
+        for e in embeds:
+            prev = step(token_input(e, prev))
+            outs.append(prev)
+        return outs
+
+    return decode_n
+
+
 class MoEOnlyHarness:
-    """The MoE layers alone (moe_stack's stand-in model); inputs: random hidden states [1, D]."""
+    """The MoE layers alone (moe_stack's stand-in model); token embeddings: random hidden states [1, D], fixed per
+    position; each token's input also carries the previous token's output (``moe_stack.token_input``)."""
 
     def __init__(self, cfg, precision: str, key):
         kb, kr, kx = jax.random.split(key, 3)
@@ -105,23 +151,33 @@ class MoEOnlyHarness:
         return self.restricted if restricted else self.routers
 
     def resident(self, restricted):
-        rt, k = self._routers(restricted), self.top_k
-        return [("one_jit", lambda i: resident_decode_step(self.full, rt, self.xs[i], k=k), False),
-                ("eager", lambda i: eager_resident_step(self.full, rt, self.xs[i], k), True)]
+        rt, k, full = self._routers(restricted), self.top_k, self.full
+        return [("one_jit", _chain(self.xs, _loop(lambda x: resident_decode_step(full, rt, x, k=k))), False),
+                ("eager", _chain(self.xs, _loop(lambda x: eager_resident_step(full, rt, x, k))), True)]
 
     def cached(self, slots, policy, prefetch, restricted=False, speculative=False):
         moe = OffloadedMoE(self.banks, OffloadConfig(slots=slots, policy=policy, prefetch=prefetch,
                                                      speculative=speculative))
         rt = self._routers(restricted)
-        return (lambda i: moe_only_decode_step(moe, rt, self.xs[i], self.top_k)), moe
+        return _chain(self.xs, lambda embeds, prev: moe_only_decode(moe, rt, embeds, self.top_k, prev=prev)), moe
+
+    def speculative_pass(self, moe: OffloadedMoE, restricted=True):
+        """``run`` of bare chained ``speculative_stack`` calls on ``moe``'s current slots (no host read, no policy,
+        no repair): the device-side floor of the pipelined speculative loop (diagnostic; outputs are exact only while
+        every layer hits)."""
+        rt, k = self._routers(restricted), self.top_k
+        return _chain(self.xs, _loop(lambda x: speculative_stack(x, rt, moe.device_slot_maps(),
+                                                                 [c.weights() for c in moe.caches], k=k)[0]))
 
     def record(self, recorder):
-        for pos, x in enumerate(self.xs):
-            y = None
+        prev = None
+        for pos, e in enumerate(self.xs):
+            x, y = token_input(e, prev), None
             for l, ((gate, bias), wl) in enumerate(zip(self.routers, self.full)):
                 x, h, ids, w = route_layer(x, y, gate, bias, k=self.top_k)
                 recorder.record("bench", "decode", pos, l, np.asarray(ids), np.asarray(w))
                 y = routed_experts(h, ids, w, wl)
+            prev = residual_add(x, y)
 
     def drop_resident(self):
         self.full = None
@@ -168,7 +224,7 @@ class FullModelHarness:
             layers[i] = dict(layers[i], mixer=dict(layers[i]["mixer"], experts=ex))
         return dict(params, layers=layers)
 
-    def _stepper(self, forward):
+    def _decoder(self, forward):
         c, p0 = self.config, self.cfg.prompt
         state = {}
 
@@ -179,14 +235,14 @@ class FullModelHarness:
             logits, state["cache"] = forward(jnp.asarray(self.tokens[:, p0 + i:p0 + i + 1]), state["cache"], "decode")
             return logits
 
-        return step
+        return _runner(lambda start, n: [step(i) for i in range(start, start + n)])
 
     def resident(self, restricted):
         full = self._with_bias(self.full, min(self.cfg.slots)) if restricted else self.full
         seg = OffloadedNemotronH(self.config, full, None)
-        out = [("segmented", self._stepper(lambda toks, cache, phase: seg.forward(toks, cache)), True)]
+        out = [("segmented", self._decoder(lambda toks, cache, phase: seg.forward(toks, cache)), True)]
         if self.cfg.full_one_jit:
-            out.insert(0, ("one_jit", self._stepper(lambda toks, cache, phase: self._fwd(self.config, full, toks,
+            out.insert(0, ("one_jit", self._decoder(lambda toks, cache, phase: self._fwd(self.config, full, toks,
                                                                                              cache)), False))
         return out
 
@@ -196,14 +252,13 @@ class FullModelHarness:
         off = OffloadedNemotronH(self.config, params, ocfg,
                                  banks=self.banks, recorder=recorder)
         trace = recorder is not None
-        return self._stepper(lambda toks, cache, phase: off.forward(
+        return self._decoder(lambda toks, cache, phase: off.forward(
             toks, cache, trace=("bench", phase) if trace else None)), off.moe
 
     def record(self, recorder):
-        step, _ = self.cached(max(s for s in self.cfg.slots if s <= self.n_experts), "lru", False,
-                              recorder=recorder)
-        for i in range(self.cfg.warmup + self.cfg.tokens):
-            step(i)
+        run, _ = self.cached(max(s for s in self.cfg.slots if s <= self.n_experts), "lru", False,
+                             recorder=recorder)
+        run(0, self.cfg.warmup + self.cfg.tokens)
 
     def drop_resident(self):
         self.full = None

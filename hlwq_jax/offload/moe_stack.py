@@ -5,8 +5,10 @@ all-resident routed-experts call (the router and the shared expert stay in the m
 passes the next MoE layer's router output for the same hidden state (``next_ids``), whose non-resident experts are
 sent to the device before layer l's expert compute is dispatched, so the copy overlaps that compute.
 
-``moe_only_decode_step`` is the stand-in model used by the benchmark when no full model is at hand: L MoE layers
-with pre-RMS-norm residuals, h = rms(x); x += routed(h) — real expert shapes and router, no attention/Mamba.
+``moe_only_decode`` is the stand-in model used by the benchmark when no full model is at hand: L MoE layers with
+pre-RMS-norm residuals, h = rms(x); x += routed(h) — real expert shapes and router, no attention/Mamba; each token's
+input is its embedding plus a small term of the previous token's output (``token_input``), so tokens depend on each
+other as in a real decode loop and every token's input stays on the device.
 
 Speculative mode (``OffloadConfig.speculative``, stand-in model only): the per-layer loop reads each layer's routed
 ids to the host before it can run the layer (L syncs per token). Instead, ``speculative_stack`` runs ALL L layers in
@@ -17,7 +19,21 @@ access step the per-layer path would have made. If layer L missed, the outputs o
 < L are accepted as above, layer L runs through ``cached_moe`` with its recorded ids (installs its misses; the ids
 are exact since layers < L are), and layers > L continue on the per-layer path. Each layer is computed by the same
 jitted functions either way, so the output equals the all-resident output bit for bit (tests check it on CPU; the
-benchmark checks it on the GPU: ``exact``). Costs: a token with a miss pays one wasted speculative pass.
+benchmark checks it on the GPU: ``exact``).
+
+Pipelining (``speculative_decode``): token t+1's speculative call is dispatched on token t's speculative output,
+still on the device, BEFORE t's flags/ids are read, so the host's read, policy updates and next dispatch overlap
+device work instead of leaving the GPU idle between tokens. If t is accepted, t+1's call stands. If t missed, t+1's
+call is discarded (its input and slot maps are stale; counted in ``SpecStats.discarded``), t is repaired as above
+and t+1 re-dispatched on the repaired output. Invariant that makes this sound: while a call is in flight, nothing
+changes the slot maps or buffers it reads except a repair, after which that call is discarded (the repair's install
+may donate slot buffers the discarded call still reads; device order keeps the install correct, and nothing reads
+the discarded call's outputs). Accepted layers' policy steps are applied lazily (``apply_pending``) while later
+calls are in flight; they are all hits, which never evict or install (``EvictionPolicy.access`` evicts at most one
+expert per miss), so they only reorder recency / frequency state — ``apply_pending`` raises if one ever changed a
+slot map. Policy steps reach each layer in token order, before any later access of that layer, so every policy sees
+exactly the per-layer path's access sequence. Costs: a token with a miss pays its own wasted speculative pass and,
+when a next token was in flight, that one too.
 """
 from __future__ import annotations
 
@@ -40,7 +56,8 @@ from hlwq_jax.offload.trace import TraceRecorder
 class OffloadConfig:
     """slots: device slots per MoE layer; policy: a name from ``policy.POLICIES``; prefetch: next-layer router
     prefetch; sync_timing: block on every transfer to time it (serialises; for diagnostics); speculative: run all MoE
-    layers of a token in one jitted call and read routing once per token (module docstring; stand-in model only)."""
+    layers of a token in one jitted call and read routing once per token, pipelined by one token (module docstring;
+    stand-in model only)."""
     slots: int
     policy: str = "lru"
     prefetch: bool = False
@@ -50,16 +67,18 @@ class OffloadConfig:
 
 @dataclasses.dataclass
 class SpecStats:
-    """Per-stack counters. tokens: forwards through ``moe_only_decode_step``; host_reads: device→host reads of
+    """Per-stack counters. tokens: tokens decoded by ``moe_only_decode``; host_reads: device→host reads of
     routing made by the stack (both modes); read_s: host time blocked in them; accepts / rollbacks: speculative
     forwards kept whole / cut at a missing layer; resumed_layers: layers run on the per-layer path after rollbacks
-    (the missing layer included)."""
+    (the missing layer included); discarded: in-flight speculative calls of the next token thrown away because the
+    token before it rolled back (pipelining's extra cost)."""
     tokens: int = 0
     host_reads: int = 0
     read_s: float = 0.0
     accepts: int = 0
     rollbacks: int = 0
     resumed_layers: int = 0
+    discarded: int = 0
 
     def minus(self, other: "SpecStats") -> "SpecStats":
         return SpecStats(**{f.name: getattr(self, f.name) - getattr(other, f.name)
@@ -116,13 +135,18 @@ class OffloadedMoE:
 
     def apply_pending(self) -> None:
         """Give the policies the access steps of accepted speculative layers (all hits, in order). Deferred so that
-        this host work overlaps the next token's speculative call; done before any other access, so every
-        policy sees exactly the per-layer path's sequence of steps."""
-        for l, experts in self._pending:
+        this host work overlaps the in-flight speculative calls; done before any other access, so every policy sees
+        exactly the per-layer path's sequence of steps. Hits never move an expert, so the slot maps those in-flight
+        calls read stay valid; a step that would change a map raises RuntimeError (an accepted layer missed)."""
+        pending, self._pending = self._pending, []
+        for l, experts in pending:
             cache = self.caches[l]
+            version = cache.version
             cache.stats.groups += 1
             cache.ensure(experts)
-        self._pending.clear()
+            if cache.version != version:
+                raise RuntimeError(f"speculative decode: accepted layer {l} step {experts} changed the slot map "
+                                   "(a policy evicted on an all-hit step)")
 
     def device_slot_maps(self) -> jax.Array:
         """int32 [L, E] expert→slot maps of all layers on the device (−1: absent); re-sent only after a change."""
@@ -159,17 +183,58 @@ class OffloadedMoE:
             c.drop_staged()
 
 
-def moe_only_decode_step(moe: OffloadedMoE, routers: Sequence[tuple], x: jax.Array, k: int, *,
-                         trace: tuple[str, str, int] | None = None) -> jax.Array:
-    """One forward of the MoE-only stand-in model through the caches. x [T, D]; routers [(gate [E, D], bias [E])].
-    Per layer: one jitted call (previous residual + pre-norm + router), the id read, the cached routed experts.
-    With ``moe.cfg.speculative``: ``speculative_decode_step``."""
+def _check_args(moe: OffloadedMoE, routers: Sequence[tuple], embeds: Sequence[jax.Array]) -> None:
     if len(routers) != len(moe.caches):
         raise ValueError(f"stand-in model: {len(routers)} routers for {len(moe.caches)} MoE layers")
+    if len(embeds) < 1:
+        raise ValueError("stand-in model: embeds must hold at least one token's input [T, D]")
+
+
+@jax.jit
+def _token_input(e, prev):
+    return e + (rms(prev).astype(jnp.float32) * (1 / 16)).astype(e.dtype)
+
+
+def token_input(e: jax.Array, prev: jax.Array | None) -> jax.Array:
+    """The stand-in model's input for one token: its (teacher-forced) embedding e [T, D] plus, from the second token
+    on, the previous token's output prev [T, D] through a weightless RMS norm, scaled by 1/16 — a carried dependency
+    (as a KV / SSM cache gives a real model: token t+1 cannot start before token t ends) small enough that routing
+    stays as varied as with independent tokens (a plain output→input chain freezes the routing: the residual grows
+    and each token barely moves it)."""
+    return e if prev is None else _token_input(e, prev)
+
+
+def moe_only_decode(moe: OffloadedMoE, routers: Sequence[tuple], embeds: Sequence[jax.Array], k: int, *,
+                    prev: jax.Array | None = None, trace: tuple[str, str, int] | None = None) -> list[jax.Array]:
+    """Decode ``len(embeds)`` tokens of the MoE-only stand-in model through the caches.
+
+    embeds: per token [T, D]; token t's input is ``token_input(embeds[t], output of token t−1)`` (``prev``: the
+    output before the first token, None at the start of a sequence); routers [(gate [E, D], bias [E])] × L;
+    ``trace=(prompt, phase, pos0)`` records token t at position pos0 + t. Returns the outputs [T, D] per token
+    (device arrays, not waited for).
+
+    Per-layer path (default): per token and layer one jitted call (previous residual + pre-norm + router), the id
+    read, the cached routed experts. With ``moe.cfg.speculative``: ``speculative_decode`` (pipelined)."""
+    _check_args(moe, routers, embeds)
     if moe.cfg.speculative:
-        return speculative_decode_step(moe, routers, x, k, trace=trace)
-    moe.spec.tokens += 1
-    return _layers_from(moe, routers, 0, x, None, k, trace)
+        return speculative_decode(moe, routers, embeds, k, prev=prev, trace=trace)
+    outs = []
+    for t, e in enumerate(embeds):
+        moe.spec.tokens += 1
+        prev = _layers_from(moe, routers, 0, token_input(e, prev), None, k, _token_trace(trace, t))
+        outs.append(prev)
+    return outs
+
+
+def moe_only_decode_step(moe: OffloadedMoE, routers: Sequence[tuple], x: jax.Array, k: int, *,
+                         trace: tuple[str, str, int] | None = None) -> jax.Array:
+    """One token of ``moe_only_decode`` from input x [T, D] (no previous token) -> out [T, D];
+    ``trace=(prompt, phase, pos)``."""
+    return moe_only_decode(moe, routers, [x], k, trace=trace)[0]
+
+
+def _token_trace(trace, t):
+    return None if trace is None else (trace[0], trace[1], trace[2] + t)
 
 
 def _layers_from(moe, routers, start, x, y, k, trace):
@@ -213,22 +278,44 @@ def speculative_stack(x, routers, smaps, slot_weights, *, k):
     return residual_add(x, y), jnp.stack(xs), jnp.stack(hs), jnp.stack(ws), jnp.stack(info)
 
 
-def speculative_decode_step(moe: OffloadedMoE, routers: Sequence[tuple], x: jax.Array, k: int, *,
-                            trace: tuple[str, str, int] | None = None) -> jax.Array:
-    """``moe_only_decode_step`` with one speculative call and ONE host read per token when every layer hits.
+def speculative_decode(moe: OffloadedMoE, routers: Sequence[tuple], embeds: Sequence[jax.Array], k: int, *,
+                       prev: jax.Array | None = None, trace: tuple[str, str, int] | None = None) -> list[jax.Array]:
+    """``moe_only_decode`` with one speculative call per token, pipelined by one token (module docstring).
 
-    On a miss at layer L: layers < L are accepted, layer L runs through ``cached_moe`` with its recorded ids, the
-    rest on the per-layer path. Policy access steps equal the per-layer path's, in the same order per layer; those
-    of accepted layers are applied while the next token's speculative call runs (``apply_pending``; pending steps
-    are all hits, so the slot maps the call uses stay valid).
+    Token t+1's ``speculative_stack`` call is dispatched on token t's (speculative) output before t's flags and ids
+    are read, so that read, the policy updates and the next dispatch overlap t+1's device work. t accepted: its
+    policy steps are queued (``apply_pending``) and t+1 stays. t missed: t+1's call is discarded (``discarded``),
+    t is repaired (``_repair``) and t+1 re-dispatched on the repaired output. Outputs equal the per-layer path's
+    bit for bit; every layer's policy sees the per-layer path's access sequence.
     """
-    n_layers = len(routers)
-    smaps = moe.device_slot_maps()
-    out, xs, hs, ws, info = speculative_stack(x, list(routers), smaps, [c.weights() for c in moe.caches], k=k)
-    moe.apply_pending()  # the previous token's policy updates, overlapping this call
+    _check_args(moe, routers, embeds)
+    routers, n = list(routers), len(embeds)
+    inflight = _dispatch(moe, routers, token_input(embeds[0], prev), k)
+    outs = []
+    for t in range(n):
+        cur = inflight
+        inflight = _dispatch(moe, routers, token_input(embeds[t + 1], cur[0]), k) if t + 1 < n else None
+        out = _settle(moe, routers, cur, k, _token_trace(trace, t))
+        if out is not cur[0] and inflight is not None:  # t was repaired: t+1 ran on a wrong input / stale slots
+            moe.spec.discarded += 1
+            inflight = _dispatch(moe, routers, token_input(embeds[t + 1], out), k)
+        outs.append(out)
+    return outs
+
+
+def _dispatch(moe, routers, x, k):
+    """Dispatch one speculative pass with the caches' current slot maps and buffers (not waited for)."""
+    return speculative_stack(x, routers, moe.device_slot_maps(), [c.weights() for c in moe.caches], k=k)
+
+
+def _settle(moe, routers, spec, k, trace):
+    """Read one speculative pass's routing (the token's ONE host read), queue the accepted layers' policy steps and
+    return its output, or the repaired output if a layer missed."""
+    out, xs, hs, ws, info = spec
+    moe.apply_pending()  # the previous token's policy steps, overlapping the in-flight calls
     want_w = moe.recorder is not None and trace is not None
     info_h, ws_h = moe._read((info, ws if want_w else None))
-    t = x.shape[0]
+    n_layers, t = len(routers), xs.shape[1]
     ids_h = info_h[:, :-1].reshape(n_layers, t, k)
     missed = np.flatnonzero(info_h[:, -1] == 0)
     stop = int(missed[0]) if missed.size else n_layers
@@ -241,10 +328,18 @@ def speculative_decode_step(moe: OffloadedMoE, routers: Sequence[tuple], x: jax.
         moe.spec.accepts += 1
         moe.end_step()
         return out
+    return _repair(moe, routers, spec, ids_h, ws_h, stop, k, trace)
+
+
+def _repair(moe, routers, spec, ids_h, ws_h, stop, k, trace):
+    """Roll back a speculative pass that missed at layer ``stop``: layers < stop are accepted (queued), layer stop runs
+    through ``cached_moe`` with its recorded (exact) ids, installing its misses; the per-layer path does the rest."""
+    _, xs, hs, ws, _ = spec
+    n_layers = len(routers)
     moe.spec.rollbacks += 1
     moe.spec.resumed_layers += n_layers - stop
     moe.apply_pending()
-    if want_w:
+    if ws_h is not None:
         moe.recorder.record(trace[0], trace[1], trace[2], stop, ids_h[stop], ws_h[stop])
     x_l, h_l, w_l = _layer_state(xs, hs, ws, stop)
     y = cached_moe(moe.caches[stop], h_l, ids_h[stop], w_l, moe.experts_fn, host_ids=ids_h[stop])

@@ -90,7 +90,7 @@ class OffloadedNemotronH:
         else:
             if offload.speculative:
                 raise ValueError("offloaded Nemotron-H: speculative decode is implemented for the MoE-only stand-in "
-                                 "model only (moe_stack.speculative_decode_step), not for the hybrid model")
+                                 "model only (moe_stack.speculative_decode), not for the hybrid model")
             if banks is None:
                 banks = [HostBank(params["layers"][i]["mixer"]["experts"]) for i in moe_idx]
             if len(banks) != len(moe_idx):

@@ -51,9 +51,14 @@ def test_tiny_bench(tmp_path):
             assert r["spec_accepts"] + r["spec_rollbacks"] == tokens
             assert r["host_reads"] == tokens + r["spec_resumed_layers"] - r["spec_rollbacks"]
             assert (r["spec_rollbacks"] > 0) == (r["misses"] > 0)
+            assert 0 <= r["spec_discarded"] <= r["spec_rollbacks"]  # the last timed token has no next in flight
+            assert r["spec_discarded"] >= r["spec_rollbacks"] - 1
         else:
             assert r["host_reads"] == tokens * layers and r["spec_accepts"] == r["spec_rollbacks"] == 0
+            assert r["spec_discarded"] == 0
         if r["kind"] == "nomiss":  # warm cache, nothing missing: every token accepted with one read
+            assert (r["spec_pass_ms"] > 0 and r["spec_pass_exact"] is True) if r["speculative"] else \
+                "spec_pass_ms" not in r
             assert r["host_reads_per_token"] == (1 if r["speculative"] else layers)
             assert r["spec_accepts"] == (tokens if r["speculative"] else 0)
     for a, b in zip(*[[r for r in rows if r["kind"] == "decode" and r["speculative"] == s] for s in (False, True)]):

@@ -97,12 +97,12 @@ def test_transfer_accounting(monkeypatch):
     x = jnp.ones((1, D), jnp.float32)
     w = jnp.ones((1, K), jnp.float32)
     cached_moe(cache, x, jnp.asarray([[0, 1]]), w)
-    assert calls == [2 * 2]  # one call: 2 experts × 2 fields
+    assert calls == [2]  # one call: 2 experts, one contiguous row each (not one array per field)
     cached_moe(cache, x, jnp.asarray([[1, 0]]), w)
-    assert calls == [4]  # all hits: no transfer
+    assert calls == [2]  # all hits: no transfer
     cached_moe(cache, x, jnp.asarray([[2, 3]]), w)
     cached_moe(cache, x, jnp.asarray([[4, 0]]), w)  # evicts 1 (LRU), one expert moved
-    assert calls == [4, 4, 2]
+    assert calls == [2, 2, 1]
     s = cache.stats
     assert (s.hits, s.misses, s.transfers) == (3, 5, 3)
     assert s.bytes_moved == 5 * bank.expert_nbytes == 5 * 2 * F * D * 4
@@ -137,9 +137,56 @@ def test_prefetch_used_and_wasted():
     assert cache.stats.prefetch_wasted == 1
 
 
+def _fields_numpy(weights):
+    """The per-expert fields of a weight dict as numpy [E, ...] in bank order (sorted leaves; packed, norms)."""
+    out = []
+    for name in sorted(weights):
+        w = weights[name]
+        out += [np.asarray(w.packed), np.asarray(w.norms)] if hasattr(w, "packed") else [np.asarray(w)]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "hlwq5"])
+def test_expert_rows_split_back_bit_exact(kind, tmp_path):
+    """A bank stores an expert as one uint8 row; fetching rows and splitting them (slice + bitcast, inside the jitted
+    install) gives back every field bit for bit (numpy views of the original arrays are the oracle); the installed
+    slot buffers and the all-resident weights equal the originals; a disk bank yields the same rows."""
+    from hlwq_jax.offload.bank import expert_row, split_rows
+
+    wts = make_weights(4, jnp.float32 if kind == "float32" else jnp.bfloat16)
+    if kind == "hlwq5":
+        wts = {k: quantize(v, bits=5, block_size=8) for k, v in wts.items()}  # packed uint8 + norms float16
+    want = _fields_numpy(wts)
+    bank = HostBank(wts)
+    assert bank.expert_nbytes == sum(a[0].nbytes for a in want)
+    rows = bank.fetch([5, 2])
+    assert all(r.dtype == jnp.uint8 and r.shape == (bank.expert_nbytes,) for r in rows)
+    np.testing.assert_array_equal(np.asarray(rows[0]), expert_row([a[5] for a in want]))
+    got = split_rows(bank.specs, jnp.stack(rows))
+    for g, a in zip(got, want):
+        assert g.dtype == a.dtype and g.shape == (2, *a.shape[1:])
+        np.testing.assert_array_equal(np.asarray(g).view(np.uint8), a[[5, 2]].view(np.uint8))
+    cache = LayerCache(bank, 3)
+    cache.ensure([5, 2, 7])
+    for buf, a in zip(cache.buffers, want):
+        for e, s in cache.slot_of.items():
+            np.testing.assert_array_equal(np.asarray(buf[s]).view(np.uint8), a[e].view(np.uint8))
+    full = bank.all_resident()
+    for name, w in wts.items():
+        a, b = (_fields_numpy({name: v}) for v in (w, full[name]))
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8))
+    DiskBank.save(tmp_path / "b", wts)
+    np.testing.assert_array_equal(np.asarray(DiskBank(tmp_path / "b").fetch([3])[0]), np.asarray(bank.fetch([3])[0]))
+    with pytest.raises(ValueError, match="uint8"):
+        split_rows(bank.specs, jnp.stack(rows)[:, :-1])
+    with pytest.raises(ValueError, match="row 0"):
+        HostBank.from_rows(bank.specs, bank.layout, [jnp.zeros(3, jnp.uint8)])
+
+
 def test_bank_memory_kind_and_errors():
     bank = bank_for("bfloat16")
-    assert bank._fields[0][0].sharding.memory_kind == "pinned_host"
+    assert bank._rows[0].sharding.memory_kind == "pinned_host"
     assert bank.expert_nbytes == 2 * F * D * 2
     with pytest.raises(ValueError, match="outside"):
         bank.fetch([E])
@@ -166,8 +213,8 @@ def test_disk_bank_matches_host_bank(tmp_path, rng):
     a = cached_moe(LayerCache(disk, 3), x, jnp.asarray(ids), jnp.asarray(w))
     b = cached_moe(LayerCache(host, 3), x, jnp.asarray(ids), jnp.asarray(w))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    (tmp_path / "bank" / "field0.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match="field0.bin"):
+    (tmp_path / "bank" / "rows.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="rows.bin"):
         DiskBank(tmp_path / "bank")
     with pytest.raises(ValueError, match="manifest"):
         DiskBank(tmp_path)

@@ -77,3 +77,15 @@ def test_static_policy_from_trace_profile_and_policy_module_is_pure(tmp_path):
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert imported <= {"__future__", "collections", "dataclasses", "typing"}, imported
+
+
+def test_token_input_matches_numpy(rng):
+    """The stand-in model's carried input: e + rms(prev) / 16 (float64 oracle); no previous token: e itself."""
+    from hlwq_jax.offload.moe_stack import token_input
+
+    e = rng.standard_normal((3, D)).astype(np.float32)
+    prev = (50 * rng.standard_normal((3, D))).astype(np.float32)
+    p64 = prev.astype(np.float64)
+    want = e + p64 / np.sqrt(np.mean(p64 * p64, -1, keepdims=True) + 1e-5) / 16
+    np.testing.assert_allclose(np.asarray(token_input(jnp.asarray(e), jnp.asarray(prev))), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(token_input(jnp.asarray(e), None)), e)
