@@ -93,9 +93,13 @@ def sha256_file(path: pathlib.Path, buf: int = 16 << 20) -> str:
     return h.hexdigest()
 
 
-def write_manifest(root: pathlib.Path, files: list[str], extra: dict | None = None) -> None:
-    """The completion marker: every listed file with size and sha256. Written last, atomically."""
-    entries = {f: {"bytes": (root / f).stat().st_size, "sha256": sha256_file(root / f)} for f in sorted(files)}
+def write_manifest(root: pathlib.Path, files: list[str], extra: dict | None = None,
+                   hashes: dict[str, str] | None = None) -> None:
+    """The completion marker: every listed file with size and sha256 (taken from ``hashes`` where the caller already
+    hashed the final file, e.g. while later shards were being written). Written last, atomically."""
+    hashes = hashes or {}
+    entries = {f: {"bytes": (root / f).stat().st_size, "sha256": hashes.get(f) or sha256_file(root / f)}
+               for f in sorted(files)}
     write_json_atomic(root / MANIFEST_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": True,
                                              "files": entries, **(extra or {})})
 
@@ -222,8 +226,9 @@ def save_hlwq(root: str | os.PathLike, params: dict, source_dtypes: dict[str, st
 
 
 def finish(root: pathlib.Path, shard_files: list[str], weight_map: dict, tensor_meta: dict, hf_config: dict | None,
-           extra_files: list[str] = (), manifest_extra: dict | None = None) -> None:
-    """Write index, hlwq_config.json, config.json, then the manifest (last)."""
+           extra_files: list[str] = (), manifest_extra: dict | None = None,
+           hashes: dict[str, str] | None = None) -> None:
+    """Write index, hlwq_config.json, config.json, then the manifest (last; ``hashes``: see write_manifest)."""
     total = sum((root / f).stat().st_size for f in shard_files)
     write_json_atomic(root / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     write_json_atomic(root / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -235,7 +240,7 @@ def finish(root: pathlib.Path, shard_files: list[str], weight_map: dict, tensor_
     cfg["quantization_config"] = quantization_config(bits.pop() if len(bits) == 1 else None,
                                                      blocks.pop() if len(blocks) == 1 else None)
     write_json_atomic(root / "config.json", cfg)
-    write_manifest(root, [*shard_files, INDEX_FILE, CONFIG_FILE, "config.json", *extra_files], manifest_extra)
+    write_manifest(root, [*shard_files, INDEX_FILE, CONFIG_FILE, "config.json", *extra_files], manifest_extra, hashes)
 
 
 def load_hlwq(root: str | os.PathLike) -> dict:

@@ -372,28 +372,32 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, opts: Con
     for stale in dst.glob("*" + PARTIAL_SUFFIX):
         stale.unlink()
     total = sum(e.info.nbytes for e in plan.entries)
-    skipped, done_bytes = 0, 0
-    with count_compiles() as counters, \
+    skipped, done_bytes, hashes = 0, 0, {}
+    # each final shard is hashed for the manifest in a background thread (hashlib releases the GIL) while the next
+    # shards are converted, instead of re-reading the whole output at the end
+    with count_compiles() as counters, ThreadPoolExecutor(max_workers=1) as hasher, \
             tqdm(total=total, unit="B", unit_scale=True, desc="hlwq-quantize", disable=not progress) as bar:
         for fname, entries in plan.shards:
             path = dst / fname
             if _shard_is_final(path, entries, plan.fingerprint):
                 skipped += 1
                 bar.update(sum(e.info.nbytes for e in entries))
+                hashes[fname] = hasher.submit(hfmt.sha256_file, path)
                 continue
             specs = [s for e in entries for s in e.specs]
             with StreamWriter(path, specs, {"format": "pt", "hlwq_plan": plan.fingerprint}) as w:
                 _write_entries(w, entries, opts, bar, counters)
                 t1 = time.perf_counter()
             counters["close_seconds"] += time.perf_counter() - t1  # completeness check, fsync, rename
+            hashes[fname] = hasher.submit(hfmt.sha256_file, path)
             done_bytes += sum(e.info.nbytes for e in entries)
         t1 = time.perf_counter()
-        _finish(src, dst, plan, opts)
-        counters["finish_seconds"] += time.perf_counter() - t1  # index, configs, manifest with sha256 of every file
+        _finish(src, dst, plan, opts, {f: h.result() for f, h in hashes.items()})
+        counters["finish_seconds"] += time.perf_counter() - t1  # the last shards' hashes, index, configs, manifest
     return {"seconds": time.perf_counter() - t0, "input_bytes": done_bytes, "skipped_shards": skipped, **counters}
 
 
-def _finish(src: pathlib.Path, dst: pathlib.Path, plan: Plan, opts: ConvertOptions) -> None:
+def _finish(src: pathlib.Path, dst: pathlib.Path, plan: Plan, opts: ConvertOptions, hashes: dict[str, str]) -> None:
     extra = []
     for p in sorted(src.iterdir()):  # tokenizer, generation config, ...: copied atomically
         if p.is_file() and not p.name.endswith(".safetensors") and p.name not in _SKIP_COPY:
@@ -406,7 +410,7 @@ def _finish(src: pathlib.Path, dst: pathlib.Path, plan: Plan, opts: ConvertOptio
     weight_map = {k: f for f, es in plan.shards for e in es for k, _, _ in e.specs}
     quantized = {e.name: e.meta for e in plan.entries if e.meta is not None}
     if opts.export == "hlwq":
-        hfmt.finish(dst, shard_files, weight_map, quantized, hf_cfg, extra, {"plan": plan.fingerprint})
+        hfmt.finish(dst, shard_files, weight_map, quantized, hf_cfg, extra, {"plan": plan.fingerprint}, hashes)
         return
     total = sum((dst / f).stat().st_size for f in shard_files)
     write_json_atomic(dst / "model.safetensors.index.json",
@@ -420,4 +424,4 @@ def _finish(src: pathlib.Path, dst: pathlib.Path, plan: Plan, opts: ConvertOptio
     hf_cfg["quantization_config"] = ct.quantization_config(groups, ignore)
     write_json_atomic(dst / "config.json", hf_cfg)
     hfmt.write_manifest(dst, [*shard_files, "model.safetensors.index.json", "config.json", *extra],
-                      {"plan": plan.fingerprint, "export": "compressed-tensors"})
+                      {"plan": plan.fingerprint, "export": "compressed-tensors"}, hashes)
