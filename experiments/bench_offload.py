@@ -20,11 +20,15 @@ Two models (``model`` in the config):
 call and reads routing once per token, rolling back at the first layer that missed, pipelined by one token (the next
 token's call is dispatched before this token's routing is read; ``offload.moe_stack``); rows carry ``speculative``,
 ``host_reads_per_token``, ``spec_accepts`` / ``spec_rollbacks`` / ``spec_discarded`` (in-flight next-token calls
-thrown away after a rollback). The ``nomiss`` row (no misses) is the one the 10%-of-all-resident target is about
-(``resident_over_cached`` ≥ 0.9); its speculative row also carries ``spec_pass_ms``, the same passes chained with no
-host read or policy work (the loop's device-side floor: the gap to ``ms_per_token`` is host time not hidden, the gap
-to the resident one-jit is the pass's own device cost). With random routing nearly every token misses somewhere and
-speculation costs wasted passes.
+thrown away after a rollback). The ``nomiss`` row is the one the 10%-of-all-resident target is about
+(``resident_over_cached`` ≥ 0.9): routing restricted to C experts per layer, all of them preloaded into every layer
+before the warm-up (``OffloadedMoE.preload``, the caches' install path), and the run raises unless its timed window
+had zero misses, rollbacks and discarded calls (``check_miss_free``), for the per-layer and the speculative loop
+alike. Its speculative row also carries ``spec_pass_ms``, the same passes chained with no host read or policy work
+(the loop's device-side floor: the gap to ``ms_per_token`` is host time not hidden, the gap to the resident one-jit
+is the pass's own device cost). With random routing nearly every token misses somewhere and speculation costs wasted
+passes. Resident rows carry ``variants_exact``: whether each all-resident variant equals the reference bit for bit
+(the one-jit fuses across layers; where it does not match, fusion changed rounding on that device).
 Timing: per variant, ``warmup`` tokens, then ``tokens`` tokens timed as one decode run waited for at its end
 (ms/token = wall / tokens); in the MoE-only model each token's input carries the previous token's output
 (``moe_stack.token_input``: its fixed random embedding + rms(previous output) / 16 — a real dependency that keeps
@@ -128,9 +132,13 @@ def time_run(run, warmup: int, tokens: int, at_warm=None):
 
 def measure_cached(h, cfg, slots, policy, prefetch, restricted=False, speculative=False):
     """Warm up, then time ``cfg.tokens`` decode tokens; stats (per layer, and the stack's ``SpecStats``) cover the
-    timed tokens only. Returns (ms/token, outputs, per-layer stats, SpecStats, device memory, the OffloadedMoE)."""
+    timed tokens only. ``restricted`` (the no-miss row): the routable experts are preloaded into every layer before
+    the warm-up (through the caches' install path), so no token can miss. Returns (ms/token, outputs, per-layer
+    stats, SpecStats, device memory, the OffloadedMoE)."""
     run, moe = h.cached(slots, policy, prefetch, restricted, speculative)
     moe.caches[0].precompile()  # install shapes are shared by all layers
+    if restricted:
+        moe.preload(h.restricted_experts)
     t_warm = []
     ms, outs = time_run(run, cfg.warmup, cfg.tokens,
                         at_warm=lambda: t_warm.extend([moe.stats(), dataclasses.replace(moe.spec)]))
@@ -148,6 +156,17 @@ def spec_fields(speculative, sp, tokens) -> dict:
             "spec_resumed_layers": sp.resumed_layers, "spec_discarded": sp.discarded}
 
 
+def check_miss_free(what: str, stats, sp) -> None:
+    """Raise RuntimeError unless a no-miss run really had no miss, no rollback and no discarded call (per-layer
+    stats and ``SpecStats`` of its timed window; a miss there would bill a transfer, and for speculative decode a
+    rollback with ~L host reads, to the 'no-miss' row)."""
+    miss = sum(s.misses for s in stats)
+    if miss or sp.rollbacks or sp.discarded or sp.resumed_layers:
+        raise RuntimeError(f"{what}: the no-miss run was not miss-free in its timed window ({miss} misses, "
+                           f"{sp.rollbacks} rollbacks, {sp.discarded} discarded calls, {sp.resumed_layers} resumed "
+                           "layers): the restricted routing left the preloaded experts")
+
+
 def exact(outs, ref) -> bool:
     return len(outs) == len(ref) and all(np.array_equal(a, b) for a, b in zip(outs, ref))
 
@@ -163,17 +182,18 @@ def bench_precision(cfg, precision, key, meta, recorder) -> list[dict]:
     ref = {}
     for restricted in (False, True):
         name = "restricted" if restricted else "random"
-        variants = {}
+        variants, vouts = {}, {}
         for vname, run, is_ref in h.resident(restricted):
-            ms, outs = time_run(run, cfg.warmup, cfg.tokens)
-            variants[vname] = ms
+            variants[vname], vouts[vname] = time_run(run, cfg.warmup, cfg.tokens)
             if is_ref:
-                ref[name] = outs
+                ref[name] = vouts[vname]
         primary = next(iter(variants))
         rows.append({**meta, "kind": "resident", "bank": precision, "routing": name, "baseline": primary,
                      "ms_per_token": variants[primary], "tok_s": 1e3 / variants[primary],
-                     "ms_per_token_variants": variants, "device_memory": device_memory(),
-                     "pinned_host_bytes": pinned})
+                     "ms_per_token_variants": variants,
+                     "variants_exact": {v: exact(o, ref[name]) for v, o in vouts.items()},
+                     "device_memory": device_memory(), "pinned_host_bytes": pinned})
+        del vouts
         print(f"[{precision}] all-resident {name}: " + ", ".join(f"{k} {v:.2f} ms/tok" for k, v in variants.items()),
               flush=True)
     del run
@@ -185,6 +205,7 @@ def bench_precision(cfg, precision, key, meta, recorder) -> list[dict]:
     for spec in cfg.speculative:
         nomiss[spec], outs, st, sp, mem, moe = measure_cached(h, cfg, c0, "lru", False, restricted=True,
                                                               speculative=spec)
+        check_miss_free(f"[{precision}] C={c0}{' speculative' if spec else ''}", st, sp)
         miss = sum(s.misses for s in st)
         floor = {}
         if spec:  # device-only floor: the same speculative passes chained without reads / policies (warm slots)

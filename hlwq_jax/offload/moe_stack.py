@@ -12,17 +12,19 @@ other as in a real decode loop and every token's input stays on the device.
 
 Speculative mode (``OffloadConfig.speculative``, stand-in model only): the per-layer loop reads each layer's routed
 ids to the host before it can run the layer (L syncs per token). Instead, ``speculative_stack`` runs ALL L layers in
-ONE jitted call with the current expert→slot maps: per layer it routes, looks the ids up in the slot map, runs the
-routed FFN on the slot buffers (absent experts read slot 0: garbage, detected) and records ``all_hit`` and the ids.
-ONE host read (flags + ids) follows. If every layer hit, the output is accepted and each layer's policy gets the same
-access step the per-layer path would have made. If layer L missed, the outputs of layers ≥ L are discarded: layers
-< L are accepted as above, layer L runs through ``cached_moe`` with its recorded ids (installs its misses; the ids
-are exact since layers < L are), and layers > L continue on the per-layer path. Each layer is computed by the same
-jitted functions either way, so the output equals the all-resident output bit for bit (tests check it on CPU; the
-benchmark checks it on the GPU: ``exact``).
+ONE jitted call with the current expert→slot maps: per layer it routes, looks the ids up in the slot map and runs
+the routed FFN on the slot buffers (absent experts read slot 0: garbage, detected). It returns only the output and
+one int32 code per routed id (the id, or ``~id`` where the expert is absent) — no per-layer states — and ONE host
+read of the codes follows. If every layer hit, the output is accepted and each layer's policy gets the same access
+step the per-layer path would have made. If layer L missed, the pass's output is discarded: layers < L are accepted
+as above and recomputed from the pass's input by the per-layer path's calls on their slots (resident, unchanged;
+no host read), layer L runs through ``cached_moe`` with its recorded ids (installs its misses; the ids are exact
+since layers < L are), and layers > L continue on the per-layer path. Each layer is computed by the same jitted
+functions either way (the pass keeps their call boundaries with optimization barriers), so the output equals the
+all-resident output bit for bit (tests check it on CPU; the benchmark checks it on the GPU: ``exact``).
 
 Pipelining (``speculative_decode``): token t+1's speculative call is dispatched on token t's speculative output,
-still on the device, BEFORE t's flags/ids are read, so the host's read, policy updates and next dispatch overlap
+still on the device, BEFORE t's codes are read, so the host's read, policy updates and next dispatch overlap
 device work instead of leaving the GPU idle between tokens. If t is accepted, t+1's call stands. If t missed, t+1's
 call is discarded (its input and slot maps are stale; counted in ``SpecStats.discarded``), t is repaired as above
 and t+1 re-dispatched on the repaired output. Invariant that makes this sound: while a call is in flight, nothing
@@ -32,8 +34,8 @@ the discarded call's outputs). Accepted layers' policy steps are applied lazily 
 calls are in flight; they are all hits, which never evict or install (``EvictionPolicy.access`` evicts at most one
 expert per miss), so they only reorder recency / frequency state — ``apply_pending`` raises if one ever changed a
 slot map. Policy steps reach each layer in token order, before any later access of that layer, so every policy sees
-exactly the per-layer path's access sequence. Costs: a token with a miss pays its own wasted speculative pass and,
-when a next token was in flight, that one too.
+exactly the per-layer path's access sequence. Costs: a token with a miss pays its own wasted speculative pass, the
+recomputed layers before the miss (dispatched without a sync) and, when a next token was in flight, that one too.
 """
 from __future__ import annotations
 
@@ -70,8 +72,9 @@ class SpecStats:
     """Per-stack counters. tokens: tokens decoded by ``moe_only_decode``; host_reads: device→host reads of
     routing made by the stack (both modes); read_s: host time blocked in them; accepts / rollbacks: speculative
     forwards kept whole / cut at a missing layer; resumed_layers: layers run on the per-layer path after rollbacks
-    (the missing layer included); discarded: in-flight speculative calls of the next token thrown away because the
-    token before it rolled back (pipelining's extra cost)."""
+    (the missing layer included; not the accepted layers a rollback recomputes without a read); discarded:
+    in-flight speculative calls of the next token thrown away because the token before it rolled back (pipelining's
+    extra cost)."""
     tokens: int = 0
     host_reads: int = 0
     read_s: float = 0.0
@@ -147,6 +150,13 @@ class OffloadedMoE:
             if cache.version != version:
                 raise RuntimeError(f"speculative decode: accepted layer {l} step {experts} changed the slot map "
                                    "(a policy evicted on an all-hit step)")
+
+    def preload(self, experts: Sequence[int]) -> None:
+        """Make ``experts`` (distinct, ≤ slots) resident in every layer: one access step per layer through the normal
+        install path, so policy state and counters stay consistent (a benchmark's miss-free warm start)."""
+        self.apply_pending()
+        for cache in self.caches:
+            cache.ensure([int(e) for e in experts])
 
     def device_slot_maps(self) -> jax.Array:
         """int32 [L, E] expert→slot maps of all layers on the device (−1: absent); re-sent only after a change."""
@@ -251,73 +261,87 @@ def _layers_from(moe, routers, start, x, y, k, trace):
     return residual_add(x, y)
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def speculative_stack(x, routers, smaps, slot_weights, *, k):
+@functools.partial(jax.jit, static_argnames=("k", "with_weights"))
+def speculative_stack(x, routers, smaps, slot_weights, *, k, with_weights=False):
     """All L layers of the stand-in model in one call, on the slot buffers as they are.
 
     x [T, D]; routers [(gate [E, D], bias [E])] × L; smaps int32 [L, E] (slot of each expert, −1 absent);
-    slot_weights: per layer the slot-buffer weight dict (leading dim C). Returns (out [T, D], xs [L, T, D],
-    hs [L, T, D], ws f32 [L, T, k], info int32 [L, T·k + 1]): per layer the residual after its pre-add, the normed
-    input and the routing weights (what the per-layer path computes; valid up to and including the first missing
-    layer), and the routed ids, flattened, then the layer's all-hit flag (1 = every routed expert resident).
-    Stacked outputs keep the per-call output count (and its dispatch cost) independent of L.
+    slot_weights: per layer the slot-buffer weight dict (leading dim C). Returns (out [T, D], codes int32 [L, T·k])
+    and, with ``with_weights`` (trace recording only), the routing weights f32 [L, T, k]. codes holds each layer's
+    routed ids, flattened, with every expert that is not resident encoded as ``~id`` (= −1 − id < 0): a layer hit
+    iff all its codes are ≥ 0 (``decode_codes``). Nothing else leaves the call — no per-layer states (a rollback
+    recomputes them, ``_repair``). Beyond the all-resident model, per layer only the slot lookup on the index path
+    of the routed FFN (absent experts read slot 0); the codes are formed once, after the last layer.
     """
-    # optimization barriers at the per-layer path's call boundaries keep XLA from fusing across them, so each
-    # layer's two calls compile as they do alone (bit-identical results, also where fusion would change rounding)
+    # Optimization barriers at the per-layer path's call boundaries keep XLA from fusing across them, so each
+    # layer's two calls compile as they do alone: bit-identical results also where fusion would change rounding
+    # (XLA GPU's SimplifyFPConversions, on with the default xla_allow_excess_precision, drops an f32 -> bf16 -> f32
+    # convert pair inside one module, e.g. the bf16 residual x or normed h re-widened by the next call; the
+    # per-layer calls round them at the boundary; CPU XLA does not run that pass, so CPU tests cannot show it).
     barrier = jax.lax.optimization_barrier
-    y, xs, hs, ws, info = None, [], [], [], []
+    slots = jnp.maximum(smaps, 0)  # [L, E]; absent experts read slot 0 (garbage, flagged by the codes)
+    y, ids_l, ws = None, [], []
     for l, ((gate, bias), wl) in enumerate(zip(routers, slot_weights)):
         x, h, ids, w = barrier(route_layer(x, y, gate, bias, k=k))
-        sid = smaps[l][ids]  # [T, k]
-        hit = jnp.all(sid >= 0)
-        y = barrier(routed_experts(h, jnp.where(sid >= 0, sid, 0), w, wl))
-        xs.append(x)
-        hs.append(h)
+        y = barrier(routed_experts(h, slots[l][ids], w, wl))
+        ids_l.append(ids.reshape(-1))
         ws.append(w)
-        info.append(jnp.concatenate([ids.reshape(-1).astype(jnp.int32), hit.astype(jnp.int32)[None]]))
-    return residual_add(x, y), jnp.stack(xs), jnp.stack(hs), jnp.stack(ws), jnp.stack(info)
+    ids = jnp.stack(ids_l).astype(jnp.int32)  # [L, T·k]
+    out = (residual_add(x, y), jnp.where(jnp.take_along_axis(smaps, ids, axis=1) >= 0, ids, ~ids))
+    return (*out, jnp.stack(ws)) if with_weights else out
+
+
+def decode_codes(codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host side of ``speculative_stack``'s codes [L, T·k] -> (ids int [L, T, k], hit bool [L])."""
+    codes = np.asarray(codes)
+    ids = np.where(codes >= 0, codes, ~codes)
+    return ids.reshape(codes.shape[0], -1, k), (codes >= 0).all(axis=1)
 
 
 def speculative_decode(moe: OffloadedMoE, routers: Sequence[tuple], embeds: Sequence[jax.Array], k: int, *,
                        prev: jax.Array | None = None, trace: tuple[str, str, int] | None = None) -> list[jax.Array]:
     """``moe_only_decode`` with one speculative call per token, pipelined by one token (module docstring).
 
-    Token t+1's ``speculative_stack`` call is dispatched on token t's (speculative) output before t's flags and ids
-    are read, so that read, the policy updates and the next dispatch overlap t+1's device work. t accepted: its
+    Token t+1's ``speculative_stack`` call is dispatched on token t's (speculative) output before t's codes are
+    read, so that read, the policy updates and the next dispatch overlap t+1's device work. t accepted: its
     policy steps are queued (``apply_pending``) and t+1 stays. t missed: t+1's call is discarded (``discarded``),
     t is repaired (``_repair``) and t+1 re-dispatched on the repaired output. Outputs equal the per-layer path's
     bit for bit; every layer's policy sees the per-layer path's access sequence.
     """
     _check_args(moe, routers, embeds)
     routers, n = list(routers), len(embeds)
-    inflight = _dispatch(moe, routers, token_input(embeds[0], prev), k)
+    want_w = moe.recorder is not None and trace is not None
+    inflight = _dispatch(moe, routers, token_input(embeds[0], prev), k, want_w)
     outs = []
     for t in range(n):
         cur = inflight
-        inflight = _dispatch(moe, routers, token_input(embeds[t + 1], cur[0]), k) if t + 1 < n else None
+        inflight = _dispatch(moe, routers, token_input(embeds[t + 1], cur[0]), k, want_w) if t + 1 < n else None
         out = _settle(moe, routers, cur, k, _token_trace(trace, t))
         if out is not cur[0] and inflight is not None:  # t was repaired: t+1 ran on a wrong input / stale slots
             moe.spec.discarded += 1
-            inflight = _dispatch(moe, routers, token_input(embeds[t + 1], out), k)
+            inflight = _dispatch(moe, routers, token_input(embeds[t + 1], out), k, want_w)
         outs.append(out)
     return outs
 
 
-def _dispatch(moe, routers, x, k):
-    """Dispatch one speculative pass with the caches' current slot maps and buffers (not waited for)."""
-    return speculative_stack(x, routers, moe.device_slot_maps(), [c.weights() for c in moe.caches], k=k)
+def _dispatch(moe, routers, x, k, with_weights=False):
+    """Dispatch one speculative pass with the caches' current slot maps and buffers (not waited for). Returns
+    (out, codes, weights or None, x): the call's outputs and its input (kept for a rollback)."""
+    res = speculative_stack(x, routers, moe.device_slot_maps(), [c.weights() for c in moe.caches], k=k,
+                            with_weights=with_weights)
+    return res[0], res[1], res[2] if with_weights else None, x
 
 
 def _settle(moe, routers, spec, k, trace):
-    """Read one speculative pass's routing (the token's ONE host read), queue the accepted layers' policy steps and
+    """Read one speculative pass's codes (the token's ONE host read), queue the accepted layers' policy steps and
     return its output, or the repaired output if a layer missed."""
-    out, xs, hs, ws, info = spec
+    out, codes, ws, _ = spec
     moe.apply_pending()  # the previous token's policy steps, overlapping the in-flight calls
     want_w = moe.recorder is not None and trace is not None
-    info_h, ws_h = moe._read((info, ws if want_w else None))
-    n_layers, t = len(routers), xs.shape[1]
-    ids_h = info_h[:, :-1].reshape(n_layers, t, k)
-    missed = np.flatnonzero(info_h[:, -1] == 0)
+    codes_h, ws_h = moe._read((codes, ws if want_w else None))
+    ids_h, hit = decode_codes(codes_h, k)
+    n_layers = len(routers)
+    missed = np.flatnonzero(~hit)
     stop = int(missed[0]) if missed.size else n_layers
     for l in range(stop):  # accepted layers: every routed expert resident -> one group, all hits
         moe._pending.append((l, list(dict.fromkeys(ids_h[l].reshape(-1).tolist()))))
@@ -332,27 +356,27 @@ def _settle(moe, routers, spec, k, trace):
 
 
 def _repair(moe, routers, spec, ids_h, ws_h, stop, k, trace):
-    """Roll back a speculative pass that missed at layer ``stop``: layers < stop are accepted (queued), layer stop runs
+    """Roll back a speculative pass that missed at layer ``stop``: layers < stop are accepted (queued) and recomputed
+    from the pass's input with the per-layer path's calls on their (unchanged) slots — no host read; layer stop runs
     through ``cached_moe`` with its recorded (exact) ids, installing its misses; the per-layer path does the rest."""
-    _, xs, hs, ws, _ = spec
+    x = spec[3]
     n_layers = len(routers)
     moe.spec.rollbacks += 1
     moe.spec.resumed_layers += n_layers - stop
-    moe.apply_pending()
+    moe.apply_pending()  # all hits: layers < stop keep the slot maps the pass read
     if ws_h is not None:
         moe.recorder.record(trace[0], trace[1], trace[2], stop, ids_h[stop], ws_h[stop])
-    x_l, h_l, w_l = _layer_state(xs, hs, ws, stop)
-    y = cached_moe(moe.caches[stop], h_l, ids_h[stop], w_l, moe.experts_fn, host_ids=ids_h[stop])
+    y = None
+    for l in range(stop):
+        x, h, _, w = route_layer(x, y, *routers[l], k=k)
+        cache = moe.caches[l]
+        y = moe.experts_fn(h, jnp.asarray(cache.slot_map()[ids_h[l]]), w, cache.weights())
+    x, h, _, w = route_layer(x, y, *routers[stop], k=k)
+    y = cached_moe(moe.caches[stop], h, ids_h[stop], w, moe.experts_fn, host_ids=ids_h[stop])
     if stop + 1 == n_layers:
         moe.end_step()
-        return residual_add(x_l, y)
-    return _layers_from(moe, routers, stop + 1, x_l, y, k, trace)
-
-
-@jax.jit
-def _layer_state(xs, hs, ws, l):
-    """Layer l's rows of the speculative pass's stacked states (a copy: bit-identical values)."""
-    return xs[l], hs[l], ws[l]
+        return residual_add(x, y)
+    return _layers_from(moe, routers, stop + 1, x, y, k, trace)
 
 
 def _pre(x, y):

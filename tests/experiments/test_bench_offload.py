@@ -28,6 +28,7 @@ def test_tiny_bench(tmp_path):
     kinds = [r["kind"] for r in rows]
     res = [r for r in rows if r["kind"] == "resident"]
     assert all(r["baseline"] == "one_jit" and set(r["ms_per_token_variants"]) == {"one_jit", "eager"} for r in res)
+    assert all(set(r["variants_exact"]) == {"one_jit", "eager"} and r["variants_exact"]["eager"] is True for r in res)
     assert kinds.count("resident") == 4 and kinds.count("nomiss") == 4 and kinds.count("decode") == 8
     for r in rows:
         assert r["model"] == "moe_only" and r["config"]["layers"] == 2 and "git_sha" in r and "jax" in r
@@ -43,7 +44,7 @@ def test_tiny_bench(tmp_path):
     q5 = next(r for r in rows if r["kind"] == "decode" and r["bank"] == "q5")
     bf = next(r for r in rows if r["kind"] == "decode" and r["bank"] == "bf16")
     assert q5["expert_bytes"] < bf["expert_bytes"] / 2  # 48 -> 64 padding at tiny shapes; ~3.1x at real shapes
-    assert all(r["misses"] == 0 for r in rows if r["kind"] == "nomiss")
+    assert all(r["misses"] == r["spec_rollbacks"] == r["spec_discarded"] == 0 for r in rows if r["kind"] == "nomiss")
     for r in (r for r in rows if r["kind"] in ("decode", "nomiss")):
         tokens, layers = r["config"]["tokens"], r["config"]["layers"]
         assert r["config"]["speculative"] == [False, True]
@@ -96,3 +97,16 @@ def test_speculative_config():
     assert BenchConfig.load(str(REPO / "configs" / "offload_h200.toml")).speculative == (False, True)
     with pytest.raises(ValueError, match="speculative"):
         main(["--tiny", "--model", "full", "--speculative", "true", "--out", "/nonexistent/x.jsonl"])
+
+
+def test_check_miss_free():
+    """A no-miss row whose timed window had a miss, a rollback or a discarded call raises; a clean one passes."""
+    from experiments.bench_offload import check_miss_free
+    from hlwq_jax.offload import LayerStats, SpecStats
+
+    clean = [LayerStats(hits=12), LayerStats(hits=12)]
+    check_miss_free("clean", clean, SpecStats(tokens=4, accepts=4, host_reads=4))
+    for stats, sp in (([LayerStats(hits=11, misses=1), LayerStats(hits=12)], SpecStats()),
+                      (clean, SpecStats(rollbacks=1, resumed_layers=2)), (clean, SpecStats(discarded=1))):
+        with pytest.raises(RuntimeError, match="not miss-free"):
+            check_miss_free("row", stats, sp)

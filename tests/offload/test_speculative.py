@@ -78,8 +78,8 @@ class Spy:
         self.moe, self.repairs, self.dispatched, self.settled = moe, [], {}, 0
         real_dispatch, real_settle, real_repair = M._dispatch, M._settle, M._repair
 
-        def dispatch(m, routers, x, k):
-            res = real_dispatch(m, routers, x, k)
+        def dispatch(m, routers, x, k, *with_weights):
+            res = real_dispatch(m, routers, x, k, *with_weights)
             self.dispatched[id(res[0])] = (res[0], self.state())
             return res
 
@@ -297,3 +297,57 @@ def test_speculative_rejected_where_not_implemented():
         moe_only_decode(moe, routers[:2], inputs(0, 2), K)
     with pytest.raises(ValueError, match="at least one"):
         moe_only_decode(moe, routers, [], K)
+
+
+def test_speculative_call_outputs_only_out_and_codes():
+    """The speculative call returns (out [T, D], codes int32 [L, T·k]) and nothing else — no per-layer states (a
+    rollback recomputes them) — plus the routing weights [L, T, k] only when a trace is recorded. The codes equal an
+    oracle (the all-resident per-layer path's ids, negated with ``~`` where the numpy slot map has no slot) for every
+    layer up to the first missing one, and ``decode_codes`` flags exactly those layers."""
+    banks, routers, full = model()
+    routers = restrict(routers, 4, layers=(0,))  # layer 0 hits; later layers miss at random
+    moe = OffloadedMoE(banks, OffloadConfig(slots=4, speculative=True))
+    moe.preload(range(4))
+    smaps = np.stack([c.slot_map() for c in moe.caches])
+    args = (routers, moe.device_slot_maps(), [c.weights() for c in moe.caches])
+    t = 3
+    shapes = jax.eval_shape(lambda x: M.speculative_stack(x, *args, k=K), inputs(0, 1, t)[0])
+    assert [(s.shape, s.dtype) for s in shapes] == [((t, D), jnp.float32), ((L, t * K), jnp.int32)]
+    shapes = jax.eval_shape(lambda x: M.speculative_stack(x, *args, k=K, with_weights=True), inputs(0, 1, t)[0])
+    assert [s.shape for s in shapes] == [(t, D), (L, t * K), (L, t, K)]
+    first = set()
+    for x in inputs(9, 6, t):
+        _, codes = M.speculative_stack(x, *args, k=K)
+        ids, hit = M.decode_codes(np.asarray(codes), K)
+        xl, y = x, None
+        for l, ((gate, bias), wl) in enumerate(zip(routers, full)):
+            xl, h, want, w = M.route_layer(xl, y, gate, bias, k=K)
+            want = np.asarray(want)
+            absent = smaps[l][want] < 0
+            np.testing.assert_array_equal(np.asarray(codes)[l], np.where(absent, -1 - want, want).reshape(-1))
+            np.testing.assert_array_equal(ids[l], want)
+            assert hit[l] == (not absent.any())
+            if absent.any():
+                first.add(l)
+                break
+            y = M.routed_experts(h, jnp.asarray(want), w, wl)
+    assert 0 not in first and first, first  # layer 0 always hits; some pass missed at a later layer
+
+
+def test_preload_makes_restricted_decode_miss_free():
+    """``preload`` installs the routable experts of every layer through the normal access step (policy and counters
+    as after ``ensure``), after which routing confined to them never misses: per-layer and speculative decode both
+    exact, no rollback, no discarded call."""
+    banks, routers, _ = model()
+    routers = restrict(routers, 4)
+    xs = inputs(4, 5)
+    want = reference(routers, xs)
+    for spec in (False, True):
+        moe = OffloadedMoE(banks, OffloadConfig(slots=4, speculative=spec))
+        moe.preload(range(4))
+        assert all((c.stats.steps, c.stats.misses, sorted(c.slot_of)) == (1, 4, [0, 1, 2, 3]) for c in moe.caches)
+        outs = moe_only_decode(moe, routers, xs, K)
+        for o, w in zip(outs, want):
+            np.testing.assert_array_equal(np.asarray(o), w)
+        assert all(s.misses == 4 for s in moe.stats())
+        assert (moe.spec.rollbacks, moe.spec.discarded, moe.spec.accepts) == (0, 0, len(xs) if spec else 0)
