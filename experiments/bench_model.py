@@ -43,7 +43,7 @@ TINY_HF = dict(nh.NANO_30B_HF, vocab_size=512, hidden_size=128, hybrid_override_
                moe_intermediate_size=64, moe_shared_expert_intermediate_size=96)
 
 
-def _median_time(fn, inputs, iters: int, warmup: int = 2) -> float:
+def median_time(fn, inputs, iters: int, warmup: int = 2) -> float:
     for i in range(warmup):
         jax.block_until_ready(fn(*inputs[i % len(inputs)]))
     ts = []
@@ -67,7 +67,7 @@ def bench_prefill(cfg, params, length: int, iters: int, key) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(run(params, toks[0]))
     compile_s = time.perf_counter() - t0
-    t = _median_time(run, [(params, x) for x in toks], iters)
+    t = median_time(run, [(params, x) for x in toks], iters)
     return {"seconds": t, "tokens_per_s": length / t, "first_call_s": compile_s}
 
 
@@ -117,12 +117,12 @@ def bench_moe(cfg, params, length: int, iters: int, key) -> dict:
     w_up = jax.random.normal(k2, (cfg.hidden_size, mc.expert_dim), dtype) * 0.02
     w_dn = jax.random.normal(k2, (mc.expert_dim, cfg.hidden_size), dtype) * 0.02
     dense = jax.jit(lambda x, u, d: (x @ u) @ d)
-    t_routed = _median_time(routed, [(layer, x) for x in xs], iters)
-    t_block = _median_time(block, [(layer, x) for x in xs], iters)
-    t_dense = _median_time(dense, [(x, w_up, w_dn) for x in dense_in], iters)
+    t_routed = median_time(routed, [(layer, x) for x in xs], iters)
+    t_block = median_time(block, [(layer, x) for x in xs], iters)
+    t_dense = median_time(dense, [(x, w_up, w_dn) for x in dense_in], iters)
     x1 = [x[:1] for x in xs]
     gather = jax.jit(lambda p, x: moe(p, x, mc, impl="gather"))
-    t_gather = _median_time(gather, [(layer, x) for x in x1], iters)
+    t_gather = median_time(gather, [(layer, x) for x in x1], iters)
     useful = 2 * a * cfg.hidden_size * mc.expert_dim * 2
     return {"tokens": length, "routed_ms": 1e3 * t_routed, "block_ms": 1e3 * t_block, "dense_ms": 1e3 * t_dense,
             "routed_over_dense": t_routed / t_dense, "routed_tflops": useful / t_routed / 1e12,

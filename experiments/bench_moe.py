@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import pathlib
 import platform
@@ -31,27 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench_model import median_time
+from experiments.ppl_wikitext import append_jsonl
 from hlwq_jax.nn.moe import MoEConfig, moe_experts, route
 from hlwq_jax.ops.grouped_matmul import MosaicGroupedConfig, grouped_matmul
-
-
-def median_time(fn, inputs, iters: int, warmup: int = 2) -> float:
-    for i in range(warmup):
-        jax.block_until_ready(fn(*inputs[i % len(inputs)]))
-    ts = []
-    for i in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*inputs[i % len(inputs)]))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
-def append_jsonl(path: pathlib.Path, rec: dict) -> None:
-    """Append one line atomically (old content + line → temp file → rename)."""
-    old = path.read_bytes() if path.exists() else b""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(old + json.dumps(rec, sort_keys=True).encode() + b"\n")
-    os.replace(tmp, path)
 
 
 def make_layer(cfg: MoEConfig, key, dtype):
@@ -171,18 +153,18 @@ def main(argv=None) -> None:
         for shape in ("up", "down"):
             ok = sorted((r for r in rows if r["shape"] == shape and "ms" in r), key=lambda r: r["ms"])
             best = ok[0] if ok else None
-            append_jsonl(out, {**env, "section": "tune", "shape": shape, "best": best, "rows": rows})
+            append_jsonl(out, [{**env, "section": "tune", "shape": shape, "best": best, "rows": rows}])
             table.append(f"tune {shape}: best {best['config'] if best else None} "
                          f"{best['ms'] if best else float('nan'):.3f} ms ({best['tflops'] if best else 0:.0f} TFLOP/s)")
     pre = bench_prefill(cfg, layer, xs, a.impls.split(","), a.iters)
-    append_jsonl(out, {**env, "section": "prefill", **pre})
+    append_jsonl(out, [{**env, "section": "prefill", **pre}])
     table.append(f"prefill T={pre['tokens']} dense pair {pre['dense_ms']:.3f} ms "
                  f"(max/mean per expert {pre['max_per_expert']}/{pre['mean_per_expert']:.0f})")
     for impl, r in pre["impls"].items():
         table.append(f"  {impl:12s} {r['ms']:.3f} ms = {r['over_dense']:.2f}x dense, {r['tflops']:.0f} TFLOP/s, "
                      f"rel diff {r['rel_diff_to_first']:.1e}")
     dec = bench_decode(cfg, layer, a.iters)
-    append_jsonl(out, {**env, "section": "decode", **dec})
+    append_jsonl(out, [{**env, "section": "decode", **dec}])
     table.append(f"decode b1 gather: bf16 {dec['bf16_ms']:.4f} ms, Q5 {dec['hlwq5_ms']:.4f} ms "
                  f"(Q5 speedup {dec['q5_speedup']:.2f}x)")
     print("\n".join(table))
