@@ -24,11 +24,14 @@ Measured: results/bench_convert_cpu.jsonl (2-core VM, shared) and results/bench_
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import io
 import json
 import os
 import pathlib
 import platform
+import pstats
 import resource
 import shutil
 import subprocess
@@ -127,11 +130,12 @@ def make_nemotron_synthetic(root: pathlib.Path, gb: float, seed: int = 0) -> dic
             "distinct_shapes": len(base)}
 
 
-def child(src: str, dst: str, chunk_mb: float) -> None:
+def child(src: str, dst: str, chunk_mb: float, profile: str | None = None) -> None:
     """Run one conversion through the CLI in this process and print {rc, seconds, backend_init_seconds,
     peak_rss_bytes, cpu_seconds, stats} (JSON) on the last line. ``stats`` is what ``convert_checkpoint`` returned
     (compiles, compile_seconds, h2d_bytes, per-phase seconds); ``seconds`` excludes the JAX backend start-up, which is
-    timed separately (on a GPU it is seconds, paid once per process)."""
+    timed separately (on a GPU it is seconds, paid once per process). ``profile``: write the main thread's cProfile
+    (functions by own time, then by cumulative time) to this text file; the timings then include cProfile's overhead."""
     import jax
     import hlwq_jax.cli.quantize as cli
     t0 = time.perf_counter()
@@ -144,9 +148,18 @@ def child(src: str, dst: str, chunk_mb: float) -> None:
         return stats
 
     cli.convert_checkpoint = keep_stats
+    argv = [src, dst, "--bits", "5", "--recipe", "all", "--chunk-mb", str(chunk_mb), "--no-progress"]
+    prof = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
-    rc = cli.main([src, dst, "--bits", "5", "--recipe", "all", "--chunk-mb", str(chunk_mb), "--no-progress"])
+    rc = prof.runcall(cli.main, argv) if prof else cli.main(argv)
     dt = time.perf_counter() - t0
+    if prof:
+        text = io.StringIO()
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(prof, stream=text).sort_stats(key).print_stats(40)
+        tmp = profile + ".tmp"
+        pathlib.Path(tmp).write_text(text.getvalue())
+        os.replace(tmp, profile)
     ru = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"rc": rc, "seconds": dt, "backend_init_seconds": init_s, "peak_rss_bytes": peak_rss_bytes(),
                       "cpu_seconds": ru.ru_utime + ru.ru_stime, "stats": stats}))
@@ -161,8 +174,9 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def run_child(src, dst, chunk_mb) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(src), str(dst), "--chunk-mb", str(chunk_mb)],
+def run_child(src, dst, chunk_mb, profile: str | None = None) -> dict:
+    extra = ["--profile", profile] if profile else []
+    out = subprocess.run([sys.executable, __file__, "--child", str(src), str(dst), "--chunk-mb", str(chunk_mb), *extra],
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     if res["rc"] != 0:
@@ -202,10 +216,12 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--nemotron-shapes", action="store_true",
                    help="synthesise Nemotron-H's real tensor shapes and names (counts scaled down to --gb)")
+    p.add_argument("--profile", default=None, metavar="TXT",
+                   help="also convert once more under cProfile and write the main thread's profile to TXT")
     p.add_argument("--child", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        return child(*a.child, a.chunk_mb)
+        return child(*a.child, a.chunk_mb, a.profile)
     import jax
     scale = 0.1 if a.smoke else 1.0
     gb = 0.005 if a.smoke else a.gb
@@ -220,6 +236,8 @@ def main() -> None:
         big = run_child(work / "src", work / "q", a.chunk_mb)
         out_bytes = sum(f.stat().st_size for f in (work / "q").glob("*.safetensors"))
         q = quantize_only(work / "src", a.chunk_mb)
+        if a.profile:  # a separate run: cProfile slows the main thread, so the timed run above stays unprofiled
+            run_child(work / "src", work / "q_profiled", a.chunk_mb, os.path.abspath(a.profile))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rec = {
@@ -235,7 +253,7 @@ def main() -> None:
         "backend_init_seconds": big["backend_init_seconds"],
         "convert_gb_per_s_with_init": info["input_bytes"] / (big["seconds"] + big["backend_init_seconds"]) / 1e9,
         "compiles": big["stats"].get("compiles"), "compile_seconds": big["stats"].get("compile_seconds"),
-        "h2d_bytes": big["stats"].get("h2d_bytes"),
+        "h2d_bytes": big["stats"].get("h2d_bytes"), "chunks": big["stats"].get("chunks"),
         "phase_seconds": {k[: -len("_seconds")]: v for k, v in big["stats"].items()
                           if k.endswith("_seconds") and k != "compile_seconds"},
         "convert_cpu_seconds": big["cpu_seconds"] - base["cpu_seconds"],  # process CPU time net of the tiny run

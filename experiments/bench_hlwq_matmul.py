@@ -146,6 +146,16 @@ def make_variant(kind, shape, bits, key, config=None, rotated=False):
 
 
 DEADLINE = [float("inf")]  # --budget-s: variants not started by then are recorded as skipped
+DONE: set = set()  # --skip-done: (op, shape, m, label) of quantized rows timed in an earlier run (baselines re-run)
+
+
+def already_done(op, shape_name, m, kind, label) -> bool:
+    return not kind.startswith("bf16") and (op, shape_name, m, label or kind) in DONE
+
+
+def load_done(path: str) -> set:
+    rows = [json.loads(line) for line in open(path)]
+    return {(r["op"], r["shape"], r["m"], r["label"]) for r in rows if "time_us" in r}
 
 
 def guarded(fn):
@@ -164,6 +174,8 @@ def guarded(fn):
 
 @guarded
 def run_dense(record, shape_name, m, kind, bits=None, config=None, rotated=False, label=None, seed=0):
+    if already_done("dense", shape_name, m, kind, label):
+        return
     n_in, out = SHAPES[shape_name]
     key = jax.random.PRNGKey(seed)
     fn, w = make_variant(kind, (n_in, out), bits, key, config, rotated)
@@ -215,11 +227,13 @@ def check_ragged(record, bits, t, group_sizes, config, dtype=jnp.bfloat16, seed=
 @guarded
 def run_moe(record, mode, kind, bits=5, config=None, tokens=4096, top_k=6, n_experts=128, shape_name="expert_up",
             label=None, seed=0):
+    """Grouped expert matmul: mode "prefill" (tokens·top_k rows, balanced random routing) or "decode" (top_k rows)."""
     if INTERPRET:
         tokens, n_experts = 8, 8
-    """Grouped expert matmul: mode "prefill" (tokens·top_k rows, balanced random routing) or "decode" (top_k rows)."""
     n_in, out = SHAPES[shape_name]
     t = tokens * top_k if mode == "prefill" else top_k
+    if already_done(f"moe_{mode}", shape_name, t, kind, label):
+        return
     rng = np.random.default_rng(seed)
     if mode == "prefill":
         counts = np.bincount(rng.integers(0, n_experts, size=t), minlength=n_experts)
@@ -346,6 +360,8 @@ def main(argv=None):
     ap.add_argument("--render", help="render a JSONL file as a markdown table and exit")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no new variant after this many s")
+    ap.add_argument("--skip-done", metavar="JSONL", help="skip quantized variants already timed in this file "
+                    "(the bf16 baselines run again, so every ratio stays within one run)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes + interpret mode: a CPU plumbing check")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -363,6 +379,8 @@ def main(argv=None):
         return
     if not args.out:
         ap.error("--out is required")
+    if args.skip_done:
+        DONE.update(load_done(args.skip_done))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -16,19 +16,37 @@ Two models (``model`` in the config):
   ``offload.nemotron.OffloadedNemotronH``; all-resident baseline: the same segmented forward with every expert on the
   device (``offload=None``; the bit-exact reference); with ``full_one_jit`` also ``models.nemotron_h.forward`` as one
   jit (primary then; compiling the 52-layer model twice per bank precision takes minutes).
-``speculative`` (moe_only; sweepable, default [false]): the cached loop runs all MoE layers of a token in one jitted
-call and reads routing once per token, rolling back at the first layer that missed, pipelined by one token (the next
-token's call is dispatched before this token's routing is read; ``offload.moe_stack``); rows carry ``speculative``,
+``speculative`` (sweepable, default [false]): the cached loop runs all MoE layers of a token in one jitted call and
+reads routing once per token. moe_only: rolling back at the first layer that missed, pipelined by one token (the
+next token's call is dispatched before this token's routing is read; ``offload.moe_stack``); full: the whole forward
+in one call, a token that missed anywhere rerun on the per-layer path, not pipelined (``offload.nemotron``); rows
+carry ``speculative``,
 ``host_reads_per_token``, ``spec_accepts`` / ``spec_rollbacks`` / ``spec_discarded`` (in-flight next-token calls
 thrown away after a rollback). The ``nomiss`` row is the one the 10%-of-all-resident target is about
 (``resident_over_cached`` ≥ 0.9): routing restricted to C experts per layer, all of them preloaded into every layer
 before the warm-up (``OffloadedMoE.preload``, the caches' install path), and the run raises unless its timed window
 had zero misses, rollbacks and discarded calls (``check_miss_free``), for the per-layer and the speculative loop
-alike. Its speculative row also carries ``spec_pass_ms``, the same passes chained with no host read or policy work
+alike. Its moe_only speculative row also carries ``spec_pass_ms``, the same passes chained with no host read or policy work
 (the loop's device-side floor: the gap to ``ms_per_token`` is host time not hidden, the gap to the resident one-jit
 is the pass's own device cost). With random routing nearly every token misses somewhere and speculation costs wasted
 passes. Resident rows carry ``variants_exact``: whether each all-resident variant equals the reference bit for bit
 (the one-jit fuses across layers; where it does not match, fusion changed rounding on that device).
+``transfer`` (sweepable, default ["stacked-jit"]; ``--transfer rows|stacked-jit|both``): the banks' host→device path
+(``offload.bank``): "rows" = one ``device_put`` of per-expert host rows + one jitted install per layer with misses;
+"stacked-jit" = each layer's bank as ONE pinned-host [E, expert_nbytes] array, misses copied and installed by ONE
+jitted, donated program (in-jit dynamic_slice + device_put per miss). Banks are rebuilt per transfer (same bytes; one
+set of pinned banks at a time); every nomiss / decode / transfer_probe row carries ``transfer`` (resident and replay
+rows: null, they move nothing). Per transfer a ``transfer_probe`` row first times the miss path alone on layer 0's
+bank: ``ensure`` of top_k experts that all miss, waited for, median over 2×tokens calls (``ms_per_miss``), next to
+``contiguous_ms_per_expert``: one device_put of a contiguous pinned buffer of the same bytes (the bandwidth floor
+measured in the same run). Before JAX takes the device, a subprocess runs a small stacked-jit check
+(``--preflight-stacked``: every padded length on a 4-slot cache, slot bytes vs numpy), so an XLA abort cannot kill the
+run. A transfer other than "rows" whose preflight, bank build or probe fails (e.g. XLA cannot compile the in-jit host
+gather on this backend) gets a probe row with ``ok: false`` and the error, is skipped, and the run exits with status 1
+after finishing the others. Rows are appended as each transfer block finishes. Expected on the H200: stacked-jit's
+``eff_ms_per_miss`` (C = 8 decode rows) and probe ``ms_per_miss`` closer to the raw PCIe time than rows' (target
+≤ 1.3× raw: 0.165 ms per Q5 expert). Unknown until then: whether XLA GPU copies each dynamic slice of the host array
+with a DMA or reads it with a kernel over PCIe (slower per byte; compare with ``contiguous_ms_per_expert``).
 Timing: per variant, ``warmup`` tokens, then ``tokens`` tokens timed as one decode run waited for at its end
 (ms/token = wall / tokens); in the MoE-only model each token's input carries the previous token's output
 (``moe_stack.token_input``: its fixed random embedding + rms(previous output) / 16 — a real dependency that keeps
@@ -64,6 +82,8 @@ import jax
 import numpy as np
 
 from hlwq_jax.offload import policy as P
+from hlwq_jax.offload.bank import TRANSFERS
+from hlwq_jax.offload.expert_cache import LayerCache
 from hlwq_jax.offload import trace as T
 from hlwq_jax.offload.harness import FullModelHarness, MoEOnlyHarness
 
@@ -86,7 +106,8 @@ class BenchConfig:
     banks: tuple[str, ...] = ("bf16", "q5")
     policies: tuple[str, ...] = ("lru",)
     prefetch: tuple[bool, ...] = (False,)
-    speculative: tuple[bool, ...] = (False,)  # moe_only: one speculative call + one host read per token
+    speculative: tuple[bool, ...] = (False,)  # one speculative call + one host read per token
+    transfer: tuple[str, ...] = ("stacked-jit",)  # host->device path of the banks: "rows" | "stacked-jit" (bank.TRANSFERS)
     prompt: int = 8  # full: prefill length before decoding
     tokens: int = 32
     warmup: int = 16
@@ -171,12 +192,97 @@ def exact(outs, ref) -> bool:
     return len(outs) == len(ref) and all(np.array_equal(a, b) for a, b in zip(outs, ref))
 
 
-def bench_precision(cfg, precision, key, meta, recorder) -> list[dict]:
+def max_abs_diff(outs, ref) -> float:
+    """Largest |out − ref| over all outputs (float32): how far from bit-exact a run that is not exact is."""
+    return max(float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)))) for a, b in zip(outs, ref))
+
+
+def transfer_probe(h, cfg, precision) -> dict:
+    """The miss path alone on layer 0's bank (current transfer): a fresh C = min(slots) LRU cache, ``ensure`` of
+    m = min(top_k, C) experts that all miss (disjoint groups cycling through E), each call waited for; median ms per
+    call over 2×tokens calls after 3 warm calls. Also the bandwidth floor: one device_put of one contiguous pinned
+    host buffer of m experts' bytes, median over as many calls."""
+    bank, c = h.banks[0], min(cfg.slots)
+    m = min(h.top_k, c)
+    groups = [list(range(i, i + m)) for i in range(0, h.n_experts - m + 1, m)]
+    if (len(groups) - 1) * m < c:
+        raise ValueError(f"transfer probe: {h.n_experts} experts too few for all-miss groups of {m} on {c} slots")
+    cache = LayerCache(bank, c, "lru")
+    cache.precompile()
+    n, times = 2 * cfg.tokens, []
+    for i in range(3 + n):
+        t0 = time.perf_counter()
+        cache.ensure(groups[i % len(groups)])
+        jax.block_until_ready(cache.buffers)
+        times.append(time.perf_counter() - t0)
+    if cache.stats.misses != (3 + n) * m:
+        raise RuntimeError(f"transfer probe: {cache.stats.misses} misses, expected {(3 + n) * m}")
+    host = jax.sharding.SingleDeviceSharding(bank.device, memory_kind=bank.memory_kind)
+    flat = jax.device_put(np.zeros((m, bank.expert_nbytes), np.uint8), host)
+    floor = []
+    for _ in range(3 + n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(jax.device_put(flat, bank.device_sharding))
+        floor.append(time.perf_counter() - t0)
+    ms = float(np.median(times[3:])) * 1e3
+    return {"kind": "transfer_probe", "bank": precision, "transfer": bank.transfer, "slots": c, "misses_per_call": m,
+            "calls": n, "ms_per_call": ms, "ms_per_miss": ms / m, "transfers": cache.stats.transfers,
+            "pad_rows": cache.stats.pad_rows,
+            "contiguous_ms_per_expert": float(np.median(floor[3:])) * 1e3 / m,
+            "raw_pcie_ms_per_miss": RAW_PCIE_MS.get(precision), "expert_bytes": bank.expert_nbytes, "ok": True}
+
+
+def preflight_stacked() -> None:
+    """End-to-end check of the stacked-jit path at small shapes on this backend: a bank of 8 random bf16 experts, a
+    4-slot cache, every padded length 1..4 through ``ensure`` and a prefetch; slot bytes against the numpy rows
+    (``expert_row``). Raises RuntimeError on a mismatch."""
+    import jax.numpy as jnp
+
+    from hlwq_jax.offload.bank import HostBank, expert_row
+
+    rng = np.random.default_rng(0)
+    w = {"up_proj": rng.standard_normal((8, 16, 32)), "down_proj": rng.standard_normal((8, 32, 16))}
+    w = {k: np.asarray(jnp.asarray(v, jnp.bfloat16)) for k, v in w.items()}
+    bank = HostBank(w, transfer="stacked-jit")
+    want = [expert_row([w["down_proj"][e], w["up_proj"][e]]) for e in range(8)]  # fields in sorted leaf order
+    cache = LayerCache(bank, 4, "lru")
+    cache.precompile()
+    for step in ([0, 1, 2], [3, 4, 5, 6], [7], [0, 1]):
+        cache.ensure(step)
+    cache.prefetch([5])
+    cache.ensure([5])
+    got = np.concatenate([np.asarray(b).view(np.uint8).reshape(4, -1) for b in cache.buffers], axis=1)
+    bad = [e for e, s in cache.slot_of.items() if not np.array_equal(got[s], want[e])]
+    if bad or cache.stats.misses != 11 or cache.stats.prefetched != 1:
+        raise RuntimeError(f"stacked-jit preflight: wrong slot bytes for experts {bad} ({cache.stats})")
+    print(f"stacked-jit preflight ok on {jax.devices()[0].device_kind}", flush=True)
+
+
+def run_preflight_stacked() -> str | None:
+    """Run ``preflight_stacked`` in a subprocess (an abort inside XLA cannot take the benchmark down; no GPU memory
+    preallocated); None if it passed, else its exit status and output."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
+    try:
+        p = subprocess.run([sys.executable, "-m", "experiments.bench_offload", "--preflight-stacked"], cwd=repo,
+                           env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as e:
+        return f"preflight timed out after {e.timeout} s"
+    print(p.stdout.strip(), flush=True)
+    return None if p.returncode == 0 else f"exit status {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-6000:]}"
+
+
+def bench_precision(cfg, precision, key, meta, recorder, failed: list):
+    """All rows of one bank precision, yielded in batches as they are measured (the caller appends each batch to
+    the results file, so a later crash keeps them): the resident baselines, then per transfer path its probe, no-miss
+    and decode rows. A non-"rows" transfer whose bank build or probe raises is recorded (``ok: false``), skipped and
+    appended to ``failed``."""
     rows, t0 = [], time.perf_counter()
-    h = (MoEOnlyHarness if cfg.model == "moe_only" else FullModelHarness)(cfg, precision, key)
+    h = (MoEOnlyHarness if cfg.model == "moe_only" else FullModelHarness)(cfg, precision, key, cfg.transfer[0])
     pinned = sum(b.nbytes for b in h.banks)
     ebytes = h.banks[0].expert_nbytes
-    n_layers, top_k = len(h.banks), h.top_k
+    n_layers = len(h.banks)
     print(f"[{precision}] {n_layers} banks: {pinned / 1e9:.2f} GB pinned host, {ebytes / 1e6:.2f} MB/expert, "
           f"setup {time.perf_counter() - t0:.1f} s", flush=True)
     ref = {}
@@ -189,6 +295,7 @@ def bench_precision(cfg, precision, key, meta, recorder) -> list[dict]:
                 ref[name] = vouts[vname]
         primary = next(iter(variants))
         rows.append({**meta, "kind": "resident", "bank": precision, "routing": name, "baseline": primary,
+                     "transfer": None,
                      "ms_per_token": variants[primary], "tok_s": 1e3 / variants[primary],
                      "ms_per_token_variants": variants,
                      "variants_exact": {v: exact(o, ref[name]) for v, o in vouts.items()},
@@ -200,47 +307,78 @@ def bench_precision(cfg, precision, key, meta, recorder) -> list[dict]:
     if recorder is not None:
         h.record(recorder)
     h.drop_resident()
-    c0 = min(cfg.slots)
-    nomiss = {}
+    res = rows[1]["ms_per_token"]
+    yield rows
+    for transfer in cfg.transfer:
+        t1 = time.perf_counter()
+        try:
+            h.use_transfer(transfer)
+            probe = transfer_probe(h, cfg, precision)
+        except Exception as e:  # noqa: BLE001 — recorded, reported, and the run exits 1 (never hidden)
+            if transfer == "rows":
+                raise
+            failed.append(f"{precision}/{transfer}")
+            print(f"[{precision}] TRANSFER {transfer} FAILED, skipped: {type(e).__name__}: {str(e)[:1000]}",
+                  flush=True)
+            yield [{**meta, "kind": "transfer_probe", "bank": precision, "transfer": transfer, "ok": False,
+                    "error": f"{type(e).__name__}: {e}"[:4000]}]
+            continue
+        print(f"[{precision}] transfer {transfer}: banks + probe {time.perf_counter() - t1:.1f} s; miss path "
+              f"{probe['ms_per_miss']:.3f} ms/miss ({probe['misses_per_call']} misses per call), contiguous "
+              f"device_put {probe['contiguous_ms_per_expert']:.3f} ms/expert, raw {RAW_PCIE_MS.get(precision)}",
+              flush=True)
+        yield [{**meta, **probe}, *bench_transfer(h, cfg, precision, meta, ref, res)]
+
+
+def bench_transfer(h, cfg, precision, meta, ref, res) -> list[dict]:
+    """The no-miss and decode rows of one bank precision on ``h``'s current transfer path (``ref``: reference outputs
+    per routing; ``res``: resident ms/token with restricted routing)."""
+    rows, c0, nomiss, transfer = [], min(cfg.slots), {}, h.transfer
+    pinned, ebytes, n_layers, top_k = sum(b.nbytes for b in h.banks), h.banks[0].expert_nbytes, len(h.banks), h.top_k
     for spec in cfg.speculative:
         nomiss[spec], outs, st, sp, mem, moe = measure_cached(h, cfg, c0, "lru", False, restricted=True,
                                                               speculative=spec)
         check_miss_free(f"[{precision}] C={c0}{' speculative' if spec else ''}", st, sp)
         miss = sum(s.misses for s in st)
         floor = {}
-        if spec:  # device-only floor: the same speculative passes chained without reads / policies (warm slots)
+        if spec and cfg.model == "moe_only":  # device-only floor: the same passes chained, no reads / policies
             floor["spec_pass_ms"], pass_outs = time_run(h.speculative_pass(moe), cfg.warmup, cfg.tokens)
             floor["spec_pass_exact"] = exact(pass_outs, ref["restricted"])
-        rows.append({**meta, "kind": "nomiss", "bank": precision, "slots": c0, "ms_per_token": nomiss[spec],
-                     "tok_s": 1e3 / nomiss[spec], "misses": miss, "exact": exact(outs, ref["restricted"]),
-                     "resident_over_cached": rows[1]["ms_per_token"] / nomiss[spec], "device_memory": mem,
+        rows.append({**meta, "kind": "nomiss", "bank": precision, "transfer": transfer, "slots": c0,
+                     "ms_per_token": nomiss[spec], "tok_s": 1e3 / nomiss[spec], "misses": miss,
+                     "exact": exact(outs, ref["restricted"]), "max_abs_diff": max_abs_diff(outs, ref["restricted"]),
+                     "resident_over_cached": res / nomiss[spec],
+                     "device_memory": mem,
                      "pinned_host_bytes": pinned, **floor, **spec_fields(spec, sp, cfg.tokens)})
-        print(f"[{precision}] cached C={c0}{' speculative' if spec else ''}, no misses ({miss}): "
+        print(f"[{precision}] {transfer} cached C={c0}{' speculative' if spec else ''}, no misses ({miss}): "
               f"{nomiss[spec]:.2f} ms/tok, {sp.host_reads / cfg.tokens:.1f} host reads/tok; resident / cached = "
               f"{rows[-1]['resident_over_cached']:.3f}"
-              + (f" (bare speculative passes: {floor['spec_pass_ms']:.2f} ms/tok)" if spec else ""), flush=True)
+              + (f" (bare speculative passes: {floor['spec_pass_ms']:.2f} ms/tok)" if floor else ""), flush=True)
         del moe
     for slots, policy, prefetch, spec in ((c, p, f, s) for c in cfg.slots for p in cfg.policies for f in cfg.prefetch
                                           for s in cfg.speculative):
         if not top_k <= slots <= h.n_experts:
             continue
-        ms, outs, st, sp, mem, _ = measure_cached(h, cfg, slots, policy, prefetch, speculative=spec)
+        ms, outs, st, sp, mem, moe = measure_cached(h, cfg, slots, policy, prefetch, speculative=spec)
+        del moe  # its caches hold the banks: released before the next transfer's banks are built
         acc = sum(s.hits + s.misses for s in st)
         miss = sum(s.misses for s in st)
         mpt = miss / cfg.tokens
         cost = (ms - nomiss[spec]) / mpt if mpt else float("nan")
-        rows.append({**meta, "kind": "decode", "bank": precision, "slots": slots, "policy": policy,
+        rows.append({**meta, "kind": "decode", "bank": precision, "transfer": transfer, "slots": slots,
+                     "policy": policy,
                      "prefetch": prefetch, "ms_per_token": ms, "tok_s": 1e3 / ms,
                      "accesses": acc, "misses": miss, "hit_rate": 1 - miss / acc, "misses_per_token": mpt,
                      "bytes_moved": sum(s.bytes_moved for s in st),
                      "transfers": sum(s.transfers for s in st), "wait_s": sum(s.wait_s for s in st),
-                     "prefetched": sum(s.prefetched for s in st), "exact": exact(outs, ref["random"]),
+                     "prefetched": sum(s.prefetched for s in st), "pad_rows": sum(s.pad_rows for s in st),
+                     "exact": exact(outs, ref["random"]),
                      "eff_ms_per_miss": cost, "raw_pcie_ms_per_miss": RAW_PCIE_MS.get(precision),
                      "expert_bytes": ebytes, "slot_bytes": n_layers * slots * ebytes,
                      "device_memory": mem, "pinned_host_bytes": pinned, "note": CAVEAT,
                      **spec_fields(spec, sp, cfg.tokens)})
         r = rows[-1]
-        print(f"[{precision}] C={slots:>3} {policy}{' +prefetch' if prefetch else ''}"
+        print(f"[{precision}] {transfer} C={slots:>3} {policy}{' +prefetch' if prefetch else ''}"
               f"{' +speculative' if spec else ''}: {ms:7.2f} ms/tok "
               f"({1e3 / ms:6.1f} tok/s), hit {r['hit_rate']:.3f}, {mpt:.1f} misses/tok, {cost:.3f} ms/miss "
               f"(raw {RAW_PCIE_MS.get(precision)}), exact={r['exact']}"
@@ -262,8 +400,8 @@ def replay_rows(cfg, records, meta) -> list[dict]:
             layers = T.replay_records(records, policy, slots, count_from_pos=start)
             acc = sum(r.accesses for r in layers)
             mis = sum(r.misses for r in layers)
-            rows.append({**meta, "kind": "replay", "slots": slots, "policy": policy, "accesses": acc, "misses": mis,
-                         "hit_rate": 1 - mis / acc, "note": CAVEAT})
+            rows.append({**meta, "kind": "replay", "transfer": None, "slots": slots, "policy": policy,
+                         "accesses": acc, "misses": mis, "hit_rate": 1 - mis / acc, "note": CAVEAT})
     return rows
 
 
@@ -300,13 +438,17 @@ def plot(path_jsonl: str, path_png: str) -> None:
             if r["kind"] == "resident" and r["bank"] == bank and r["routing"] == "random":
                 a1.axhline(r["tok_s"], ls="--", lw=1, color="k" if bank == "bf16" else "gray",
                            label=f"all-resident {bank} ({r['config']['model']}, {r['baseline']})")
-        for pol, pf, sp in sorted({(r["policy"], r["prefetch"], r.get("speculative", False)) for r in rows
-                                   if r["kind"] == "decode"}):
-            d = sorted((r for r in rows if r["kind"] == "decode" and r["bank"] == bank and r["policy"] == pol
-                        and r["prefetch"] == pf and r.get("speculative", False) == sp), key=lambda r: r["slots"])
-            lab = f"{bank} {pol}{' +prefetch' if pf else ''}{' +speculative' if sp else ''}"
+        def key(r):  # rows written before the transfer option have none: they used "rows"
+            return r["policy"], r["prefetch"], r.get("speculative", False), r.get("transfer") or "rows"
+
+        for k in sorted({key(r) for r in rows if r["kind"] == "decode"}):
+            pol, pf, sp, tr = k
+            d = sorted((r for r in rows if r["kind"] == "decode" and r["bank"] == bank and key(r) == k),
+                       key=lambda r: r["slots"])
+            lab = f"{bank} {pol}{' +prefetch' if pf else ''}{' +speculative' if sp else ''}" \
+                  f"{'' if tr == 'rows' else ' [' + tr + ']'}"
             a1.plot([r["slots"] for r in d], [r["tok_s"] for r in d], "o--" if pf or sp else "o-", label=lab)
-            if not pf and not sp:
+            if not pf and not sp and tr == "rows":  # hit rates do not depend on the transfer path
                 a2.plot([r["slots"] for r in d], [r["hit_rate"] for r in d], "o-", label=f"measured {lab}")
     for pol in sorted({r["policy"] for r in rows if r["kind"] == "replay"}):
         d = sorted((r for r in rows if r["kind"] == "replay" and r["policy"] == pol), key=lambda r: r["slots"])
@@ -336,11 +478,19 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke shapes (overrides --config)")
     ap.add_argument("--model", choices=("moe_only", "full"), help="override the config's model")
     ap.add_argument("--speculative", choices=("false", "true", "both"), help="override the config's speculative")
-    ap.add_argument("--out", required=True, help="JSON-lines results file (appended)")
+    ap.add_argument("--transfer", choices=(*TRANSFERS, "both"), help="override the config's transfer")
+    ap.add_argument("--out", help="JSON-lines results file (appended; required unless --preflight-stacked)")
     ap.add_argument("--trace", help="write the routing trace (first bank precision, all tokens) here")
     ap.add_argument("--plot", help="draw tokens/s and hit rate vs cache size from --out into this PNG")
     ap.add_argument("--plot-only", action="store_true", help="only draw --plot from an existing --out")
+    ap.add_argument("--preflight-stacked", action="store_true",
+                    help="only run the small stacked-jit check on this backend (main runs it in a subprocess)")
     a = ap.parse_args(argv)
+    if a.preflight_stacked:
+        preflight_stacked()
+        return 0
+    if not a.out:
+        ap.error("--out is required")
     if a.plot_only:
         if not a.plot:
             raise ValueError("--plot-only needs --plot")
@@ -352,20 +502,38 @@ def main(argv=None) -> int:
     if a.speculative:
         cfg = dataclasses.replace(cfg, speculative={"false": (False,), "true": (True,), "both": (False, True)}
                                   [a.speculative])
-    if not cfg.speculative or (cfg.model == "full" and any(cfg.speculative)):
-        raise ValueError(f"config: speculative must be a non-empty list of booleans, and only false for the full "
-                         f"model (implemented for moe_only), got {cfg.speculative} with model {cfg.model}")
+    if a.transfer:
+        cfg = dataclasses.replace(cfg, transfer=TRANSFERS if a.transfer == "both" else (a.transfer,))
+    if not cfg.transfer or len(set(cfg.transfer)) != len(cfg.transfer) or set(cfg.transfer) - set(TRANSFERS):
+        raise ValueError(f"config: transfer must be a non-empty list of distinct names from {list(TRANSFERS)}, got "
+                         f"{cfg.transfer}")
+    if not cfg.speculative:
+        raise ValueError(f"config: speculative must be a non-empty list of booleans, got {cfg.speculative}")
     if cfg.model not in ("moe_only", "full") or cfg.unique_experts < 1 or cfg.tokens < 1 or cfg.warmup < 1:
         raise ValueError(f"config: model must be moe_only|full, unique_experts, tokens and warmup >= 1 (got {cfg})")
-    meta = {"config": dataclasses.asdict(cfg), "git_sha": git_sha(), "jax": jax.__version__,
+    requested = cfg
+    preflight_error = run_preflight_stacked() if "stacked-jit" in cfg.transfer else None  # before JAX takes the GPU
+    if preflight_error is not None:
+        cfg = dataclasses.replace(cfg, transfer=tuple(t for t in cfg.transfer if t != "stacked-jit"))
+        print(f"TRANSFER stacked-jit FAILED its preflight, skipped:\n{preflight_error[-3000:]}", flush=True)
+    meta = {"config": dataclasses.asdict(requested), "git_sha": git_sha(), "jax": jax.__version__,
             "device": str(jax.devices()[0].device_kind), "model": cfg.model}
     print(f"bench_offload on {meta['device']}: {cfg}\nnote: {CAVEAT}", flush=True)
     key = jax.random.PRNGKey(cfg.seed)
     recorder = T.TraceRecorder() if (a.trace or cfg.replay_policies) else None
     t0 = time.perf_counter()
+    failed: list[str] = []
+    if preflight_error is not None:
+        failed.append("preflight/stacked-jit")
+        append_jsonl(a.out, [{**meta, "kind": "transfer_probe", "bank": None, "transfer": "stacked-jit", "ok": False,
+                              "preflight": True, "error": preflight_error[-4000:]}])
+        if not cfg.transfer:
+            print("nothing left to run", flush=True)
+            return 1
     for i, precision in enumerate(cfg.banks):
         key, kp = jax.random.split(key)
-        append_jsonl(a.out, bench_precision(cfg, precision, kp, meta, recorder if i == 0 else None))
+        for batch in bench_precision(cfg, precision, kp, meta, recorder if i == 0 else None, failed):
+            append_jsonl(a.out, batch)
         gc.collect()  # release this precision's pinned bank and device slots before the next one
     if recorder is not None and recorder.records():
         if a.trace:
@@ -375,6 +543,9 @@ def main(argv=None) -> int:
         plot(a.out, a.plot)
     print(f"done in {time.perf_counter() - t0:.1f} s -> {a.out}", flush=True)
     print(f"note: {CAVEAT}", flush=True)
+    if failed:
+        print(f"FAILED transfer paths (probe rows with ok=false in {a.out}): {failed}", flush=True)
+        return 1
     return 0
 
 

@@ -1,14 +1,17 @@
-"""Streaming checkpoint conversion: HF safetensors → hlwq format or CompressedTensors INT4, tensor by tensor.
+"""Streaming checkpoint conversion: HF safetensors → hlwq format or CompressedTensors INT4, shard by shard.
 
-Memory: each tensor is read, quantized and written in row chunks of ≈ ``chunk_bytes`` (first axis: output rows of
-a matrix, experts of a stacked [E, out, in] tensor), three at a time in a pipeline (read / quantize / write), so host
-memory is bounded by a few chunks plus constants, never the model. Every output shard is laid out up front from the
-plan (shapes follow from the source header), written through ``StreamWriter`` into ``*.partial`` and renamed when
-complete. The plan (source headers + options) is fingerprinted; a re-run on the same DST skips shards already final
-and produces byte-identical files (quantization is deterministic). ``hlwq_manifest.json`` is written last and marks
-the output complete.
+Memory: quantized tensors are read, quantized and written in row chunks whose float32 copy is ≤ ``chunk_bytes`` (or
+one row; rows: the first axis — output rows of a matrix, experts of a stacked [E, out, in] tensor); a chunk holds rows
+of one tensor or of several tensors with the same trailing shape and settings (one program dispatch for many small
+tensors), three chunks at a time in a pipeline (read / quantize / write), so host memory is bounded by a few chunks
+plus constants, never the model. Unquantized tensors are copied in row chunks. Every output shard is laid out up
+front from the plan (shapes follow from the source header), written through ``StreamWriter`` into ``*.partial`` and
+renamed when complete. The plan (source headers + options) is fingerprinted; a re-run on the same DST skips shards
+already final and produces byte-identical files (quantization is deterministic and row-wise, so the files do not
+depend on ``chunk_bytes`` either). ``hlwq_manifest.json`` is written last and marks the output complete.
 
-Pipeline: ``plan_conversion`` (pure: names, shapes, dtypes → shards) → ``convert_checkpoint`` (does the work).
+Pipeline: ``plan_conversion`` (pure: names, shapes, dtypes → shards) → ``convert_checkpoint`` (does the work; per
+shard, ``plan_chunks`` (pure) packs the quantized tensors' rows into chunks).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from hlwq_jax.ckpt.streaming import (PARTIAL_SUFFIX, CheckpointIndex, StreamWrit
                                      read_rows, rows_per_chunk, write_json_atomic)
 from hlwq_jax.quant.array import HLWQArray
 from hlwq_jax.quant.hlwq import codebook_values, quantize
+from hlwq_jax.quant.packing import packed_size
 
 PLAN_FILE = ".hlwq_plan.json"
 _PHASES = ("read", "put", "dispatch", "wait", "write", "close", "finish")
@@ -54,7 +58,7 @@ class ConvertOptions:
     select: Callable
     recipe: str = "nemotron-h"
     export: str = "hlwq"
-    shard_bytes: int = 4 << 30
+    shard_bytes: int = 2 << 30  # 2 GiB: each finished shard's fsync + hash overlaps the next shards' conversion
     chunk_bytes: int = 16 << 20
     ct_group_size: int = 128
 
@@ -118,12 +122,17 @@ def plan_conversion(index: CheckpointIndex, opts: ConvertOptions) -> Plan:
     return Plan(shards, hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest())
 
 
-# ---- per-tensor work ------------------------------------------------------------------------------------------------
-# Chunks of a quantized tensor run as a pipeline across the whole shard: a reader thread reads chunk i+1 (source dtype,
-# e.g. bf16; the float32 cast happens on the device) and starts its host→device copy while the main thread dispatches
-# chunk i (asynchronously, with its device→host copies started at once) and then waits for, checks and writes chunk
-# i−1. Chunk row counts come from a small fixed set per (trailing shape, dtype), so the compiled programs are shared by
-# every tensor of the same input width: see ``chunk_spans``.
+# ---- quantized work: chunks of rows of one or several tensors --------------------------------------------------------
+# The quantized entries of one output shard are grouped by everything the compiled program and its outputs depend on
+# (``_group_key``: trailing shape, source dtype, quantizer settings); the rows of a group's entries, in source order,
+# form one stream that ``plan_chunks`` cuts into chunks of ``full`` rows (the float32 working-copy bound), so a chunk
+# holds pieces of several small tensors, or part of a large one, or both. The quantizer is row-wise (blocks run along
+# the last axis; the random-Hadamard signs depend on the input width and the seed only), so each row's output is the
+# same whatever chunk it lands in, and the files are byte-identical for every chunk size.
+# Chunks run as a pipeline across the whole shard: a reader thread reads chunk i+1 (source dtype, e.g. bf16; the
+# float32 cast happens on the device) into one staging buffer and starts its host→device copy while the main thread
+# dispatches chunk i (asynchronously, with its device→host copies started at once) and then waits for, checks and
+# writes chunk i−1, piece by piece at each tensor's own cursor (a tensor's pieces arrive in row order).
 
 def padded_rows(k: int, full: int) -> int:
     """The row count a chunk of ``k`` rows is zero-padded to: k rounded up to a quarter octave (8, 10, 12, 14, 16, 20,
@@ -132,33 +141,80 @@ def padded_rows(k: int, full: int) -> int:
     return min(full, max(8, -(-k // step) * step))
 
 
-def chunk_spans(info: TensorInfo, chunk_bytes: int) -> list[tuple[int, int, int]]:
-    """[(start, stop, padded rows)] over the first axis. ``full = rows_per_chunk`` (a float32 working copy of
-    ≈ chunk_bytes; it depends on the trailing shape only); the n rows are split into m = ⌈n / full⌉ near-equal chunks,
-    all padded to the same ``padded_rows(⌈n / m⌉, full)``: one program per tensor, shared by every tensor whose
-    trailing shape, dtype and padded row count agree (a few per input width), and ≤ 25 % padding."""
-    full, n = rows_per_chunk(info.shape, 4, chunk_bytes), info.shape[0]
-    m = -(-n // full)
-    rows = padded_rows(-(-n // m), full)
-    return [(s, min(s + rows, n), rows) for s in range(0, n, rows)]
+# meta fields the quantize program or the CompressedTensors export of a chunk depends on (absent ones read as None)
+_PROGRAM_META = ("bits", "block_size", "codebook", "rotation", "seed", "source", "group_size", "scale_dtype")
+
+
+def _group_key(e: Entry) -> str:
+    """Entries with equal keys can share one chunk (and one compiled program)."""
+    return json.dumps([list(e.info.shape[1:]), e.info.dtype, [e.meta.get(k) for k in _PROGRAM_META]])
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    """One program's input: ``pieces`` ((Entry, start, stop), ...) — rows [start, stop) of each entry, concatenated
+    along the first axis in this order — zero-padded to ``rows`` rows."""
+    pieces: tuple
+    rows: int
+
+    def spans(self):
+        """(entry, start, stop, offset of the piece's first row in the chunk) per piece."""
+        off = 0
+        for e, s, stop in self.pieces:
+            yield e, s, stop, off
+            off += stop - s
+
+    @property
+    def real_rows(self) -> int:
+        return sum(stop - s for _, s, stop in self.pieces)
+
+
+def plan_chunks(entries, chunk_bytes: int) -> list[ChunkPlan]:
+    """Chunks of the quantized entries (``meta`` not None) of one shard. Per ``_group_key`` group, the entries' rows
+    in source order are cut into chunks of ``full = rows_per_chunk(shape, 4, chunk_bytes)`` rows (a float32 working
+    copy of ≈ chunk_bytes, as for one tensor); the group's last chunk of k < full rows is padded to
+    ``padded_rows(k, full)``. So a program has ``full`` rows (one per group kind) or a quarter-octave size, padding is
+    ≤ 25 % of one chunk per group, and the number of chunks is ⌈group rows / full⌉ per group, not one or more per
+    tensor. Chunks are listed in the order they fill; a group's chunks (hence each tensor's rows) stay in order."""
+    open_groups, done = {}, []  # key → [pieces, rows so far, full] of the group's chunk being filled
+    for e in entries:
+        if e.meta is None:
+            continue
+        if 0 in e.info.shape:
+            raise ValueError(f"{e.info.file}: tensor {e.name!r}: empty dimension in shape {list(e.info.shape)}")
+        key, n, s = _group_key(e), e.info.shape[0], 0
+        while s < n:
+            cur = open_groups.setdefault(key, [[], 0, rows_per_chunk(e.info.shape, 4, chunk_bytes)])
+            take = min(n - s, cur[2] - cur[1])
+            cur[0].append((e, s, s + take))
+            cur[1], s = cur[1] + take, s + take
+            if cur[1] == cur[2]:
+                done.append(ChunkPlan(tuple(cur[0]), cur[2]))
+                del open_groups[key]
+    # the groups' last chunks, in the order they began
+    done += [ChunkPlan(tuple(pieces), padded_rows(used, full)) for pieces, used, full in open_groups.values()]
+    return done
 
 
 _N_STAGING = 3  # host read buffers, used round-robin: the chunk being read, the one in flight, the one being written
 
 
-def _load_chunk(info: TensorInfo, s: int, e: int, rows: int, counters: dict, staging: list, slot: int) -> jax.Array:
-    """Rows [s, e) zero-padded to ``rows`` rows, in the source dtype, on the default device (runs in the reader thread,
-    so the read and the host→device copy overlap compute). The rows are read into ``staging[slot]`` (a byte buffer,
-    grown on demand and reused: no fresh pages to fault in per chunk). Reuse is safe: when slot i is read again, the
-    chunk read into it three loads earlier has been computed and written, even if the device aliased the buffer."""
+def _load_chunk(plan: ChunkPlan, counters: dict, staging: list, slot: int) -> jax.Array:
+    """The chunk's pieces read one after another into ``staging[slot]``, zero-padded to ``plan.rows`` rows, in the
+    source dtype, then put on the default device in one copy (runs in the reader thread, so the read and the
+    host→device copy overlap compute). The staging buffer is a byte buffer, grown on demand and reused: no fresh
+    pages to fault in per chunk. Reuse is safe: when slot i is read again, the chunk read into it three loads earlier
+    has been computed and written, even if the device aliased the buffer."""
     t0 = time.perf_counter()
-    nbytes = rows * (info.nbytes // info.shape[0])
+    info = plan.pieces[0][0].info  # every piece has this trailing shape and dtype (same group)
+    nbytes = plan.rows * (info.nbytes // info.shape[0])
     if staging[slot] is None or staging[slot].nbytes < nbytes:
         staging[slot] = None  # drop the old buffer before allocating the larger one
         staging[slot] = np.empty(nbytes, np.uint8)
-    x = staging[slot][:nbytes].view(info.np_dtype).reshape(rows, *info.shape[1:])
-    x[e - s:] = 0
-    read_rows(info, s, e, out=x)
+    x = staging[slot][:nbytes].view(info.np_dtype).reshape(plan.rows, *info.shape[1:])
+    for e, s, stop, off in plan.spans():
+        read_rows(e.info, s, stop, out=x[off:off + stop - s])
+    x[plan.real_rows:] = 0
     t1 = time.perf_counter()
     out = jax.device_put(x)
     counters["h2d_bytes"] += x.nbytes
@@ -176,81 +232,151 @@ NO_AUTOTUNE = {"xla_gpu_autotune_level": 0}
 @functools.partial(jax.jit, static_argnames=("bits", "block_size", "codebook", "rotation", "seed"),
                    compiler_options=NO_AUTOTUNE)
 def _quantize_program(x, *, bits, block_size, codebook, rotation, seed):
-    """``quantize`` of one chunk plus its checks as device outputs, so nothing waits on the host:
-    → (packed, norms, all finite(x), all finite(norms))."""
+    """``quantize`` of one chunk x [rows, ...] plus its checks, as ONE device output so that one device→host copy
+    per chunk suffices (each ``copy_to_host_async`` costs ≈ 0.75 ms of host time on the H200: 4 outputs per chunk
+    were a third of the converter's dispatch phase, results/bench_convert_h200.jsonl) → uint8 [rows, P + 2·N + 2]:
+    per row its packed codes (P bytes), the bytes of its N float16 norms, and two check bytes (the row of x has no
+    NaN/Inf; the row's norms fit float16) — per-row checks let an error name the tensor of the failing piece.
+    ``split_output`` takes it apart on the host."""
     q = quantize(x, bits=bits, block_size=block_size, codebook=codebook, rotation=rotation, seed=seed)
-    return q.packed, q.norms, jnp.all(jnp.isfinite(x)), jnp.all(jnp.isfinite(q.norms))
+    n = x.shape[0]
+    rows = lambda a: jnp.all(a.reshape(n, -1), axis=1)
+    checks = jnp.stack([rows(jnp.isfinite(x)), rows(jnp.isfinite(q.norms))], axis=1).astype(jnp.uint8)
+    norm_bytes = jax.lax.bitcast_convert_type(q.norms, jnp.uint8).reshape(n, -1)
+    return jnp.concatenate([q.packed.reshape(n, -1), norm_bytes, checks], axis=1)
 
 
-def _quantize_chunk(x: jax.Array, meta: dict, name: str, info: TensorInfo) -> tuple:
-    """Dispatch the quantization of one chunk (asynchronous) and start copying its outputs to the host."""
-    try:  # argument errors surface while tracing
-        out = _quantize_program(x, bits=meta["bits"], block_size=meta["block_size"], codebook=meta["codebook"],
-                                rotation=meta["rotation"], seed=meta["seed"])
+def split_output(buf: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Host side of ``_quantize_program``'s output uint8 [rows, P + 2·N + 2] → (packed uint8 [rows, *packed
+    trailing], norms float16 [rows, *norms trailing], finite bool [rows], norms_ok bool [rows]); trailing shapes
+    from the tensor's logical shape and settings in ``meta``."""
+    *mid, n_in = meta["shape"][1:]
+    n_blocks = -(-n_in // meta["block_size"])
+    p_tail = (*mid, packed_size(n_blocks * meta["block_size"], meta["bits"]))
+    n_tail = (*mid, n_blocks)
+    p, nn = int(np.prod(p_tail)), 2 * int(np.prod(n_tail))
+    if buf.shape[1] != p + nn + 2:
+        raise AssertionError(f"quantize output row of {buf.shape[1]} bytes, expected {p + nn + 2}")
+    rows = buf.shape[0]
+    packed = buf[:, :p].reshape(rows, *p_tail)
+    norms = np.ascontiguousarray(buf[:, p:p + nn]).view(np.float16).reshape(rows, *n_tail)
+    return packed, norms, buf[:, -2].astype(bool), buf[:, -1].astype(bool)
+
+
+@jax.jit
+def _rows_finite(x):
+    """bool[rows]: row i of x has no NaN/Inf."""
+    return jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+
+
+def program_key(plan: ChunkPlan) -> tuple | None:
+    """What the compiled quantize program of a chunk depends on (rows, trailing shape, source dtype, settings), or
+    None for a chunk that runs no quantize program (CompressedTensors from the source weights)."""
+    e = plan.pieces[0][0]
+    if e.meta.get("source", "hlwq") != "hlwq":
+        return None
+    m = e.meta
+    return (plan.rows, tuple(e.info.shape[1:]), e.info.dtype, m["bits"], m["block_size"], m["codebook"],
+            m["rotation"], m["seed"])
+
+
+def _compile_program(key: tuple):
+    rows, tail, dtype, bits, block_size, codebook, rotation, seed = key
+    x = jax.ShapeDtypeStruct((rows, *tail), np.dtype(DTYPE_NAMES[dtype]))
+    return _quantize_program.lower(x, bits=bits, block_size=block_size, codebook=codebook, rotation=rotation,
+                                   seed=seed).compile()
+
+
+def compile_programs(plans, pool: ThreadPoolExecutor) -> dict:
+    """Start compiling every distinct quantize program of ``plans`` in ``pool`` → {program_key: Future of the
+    compiled executable}. XLA compiles release the GIL, so they run in parallel with each other and with the
+    conversion (serially, a 16 GB Nemotron-shaped conversion spent 3–16 s of its main thread compiling 8–14
+    programs on the H200: results/bench_convert_h200.jsonl)."""
+    keys = dict.fromkeys(k for k in map(program_key, plans) if k is not None)
+    return {k: pool.submit(_compile_program, k) for k in keys}
+
+
+def _quantize_chunk(x: jax.Array, meta: dict, name: str, info: TensorInfo, program) -> tuple:
+    """Dispatch the quantization of one chunk (asynchronous; ``program``: the Future of its compiled executable) and
+    start its one device→host copy, into pinned host memory (the runtime's pooled host allocator: a plain
+    ``copy_to_host_async`` pins a fresh host buffer per call, which cost ≈ 0.7 s per GB of output on the H200).
+    ``meta``, ``name`` and ``info`` are those of the chunk's first piece (the settings are the group's)."""
+    try:  # argument errors surface while tracing (in the compile thread; re-raised here)
+        out = program.result()(x)
     except ValueError as err:
         raise ValueError(f"{info.file}: tensor {name!r}: {err}") from None
-    for a in out:
-        a.copy_to_host_async()
-    return out
+    return (jax.device_put(out, out.sharding.with_memory_kind("pinned_host")),)
 
 
 @dataclasses.dataclass
 class _Chunk:
-    """One dispatched chunk: rows [s, stop) of entry ``e``; ``out`` = _quantize_chunk's result, or the source rows
-    for CompressedTensors from the source weights."""
-    e: Entry
-    s: int
-    stop: int
+    """One dispatched chunk: ``out`` = _quantize_chunk's result, or (source rows, their finiteness) for
+    CompressedTensors from the source weights."""
+    plan: ChunkPlan
     out: tuple
 
 
-def _dispatch(e: Entry, x: jax.Array, s: int, stop: int) -> _Chunk:
-    if e.meta.get("source", "hlwq") == "hlwq":
-        return _Chunk(e, s, stop, _quantize_chunk(x, e.meta, e.name, e.info))
-    return _Chunk(e, s, stop, (x,))
+def _dispatch(plan: ChunkPlan, x: jax.Array, programs: dict) -> _Chunk:
+    e = plan.pieces[0][0]
+    key = program_key(plan)
+    if key is not None:
+        return _Chunk(plan, _quantize_chunk(x, e.meta, e.name, e.info, programs[key]))
+    finite = _rows_finite(x)
+    finite.copy_to_host_async()
+    return _Chunk(plan, (x, finite))
+
+
+def _check_pieces(plan: ChunkPlan, ok, message: str) -> None:
+    """Raise ``message`` naming the file and tensor of the first piece with a False row in ``ok`` (bool[rows])."""
+    ok = np.asarray(ok)
+    if ok.all():
+        return
+    for e, s, stop, off in plan.spans():
+        if not ok[off:off + stop - s].all():
+            raise ValueError(f"{e.info.file}: tensor {e.name!r}{message}")
+    raise AssertionError("a padding row failed its check")  # pragma: no cover — zero rows are finite
 
 
 def _finalize(w: StreamWriter, c: _Chunk, opts: ConvertOptions, bar, counters: dict) -> None:
-    """Wait for chunk ``c``'s outputs, check them (errors name file and tensor) and write its real rows."""
-    e, info, k = c.e, c.e.info, c.stop - c.s
+    """Wait for chunk ``c``'s outputs, check them per piece (errors name file and tensor) and write each piece's rows
+    to its tensor; a tensor's codebook, signs or weight_shape are written with its piece that starts at row 0."""
     t0_wait = time.perf_counter()
     jax.block_until_ready(c.out)
     t0 = time.perf_counter()
     counters["wait_seconds"] += t0 - t0_wait
-    first = c.s == 0
-    if e.meta.get("source", "hlwq") == "hlwq":
-        packed, norms, finite, norms_ok = c.out
-        if not bool(finite):
-            raise ValueError(f"{info.file}: tensor {e.name!r} contains NaN or Inf values")
-        if not bool(norms_ok):
-            raise ValueError(f"{info.file}: tensor {e.name!r}: a block norm exceeds the float16 range "
-                             f"({np.finfo(np.float16).max}); rescale the weight")
-        cb = codebook_values(e.meta["bits"], e.meta["codebook"]).astype(np.float32)
+    meta = c.plan.pieces[0][0].meta  # the program's settings: shared by every piece (one group)
+    if meta.get("source", "hlwq") == "hlwq":
+        packed, norms, finite, norms_ok = split_output(np.asarray(c.out[0]), meta)
+        _check_pieces(c.plan, finite, " contains NaN or Inf values")
+        _check_pieces(c.plan, norms_ok, f": a block norm exceeds the float16 range ({np.finfo(np.float16).max}); "
+                                        "rescale the weight")
+        cb = codebook_values(meta["bits"], meta["codebook"]).astype(np.float32)
     else:
-        q = c.out[0].astype(jnp.float32)
-        if not bool(jnp.all(jnp.isfinite(q))):
-            raise ValueError(f"{info.file}: tensor {e.name!r} contains NaN or Inf values")
+        _check_pieces(c.plan, c.out[1], " contains NaN or Inf values")
     if opts.export == "hlwq":
-        keys = e.meta["keys"]
-        w.write(keys["packed"], np.asarray(packed)[:k])
-        w.write(keys["norms"], np.asarray(norms)[:k])
-        if first:
-            w.write(keys["codebook"], cb)
-            if "signs" in keys:
-                w.write(keys["signs"], hfmt.signs_array(e.meta))
+        for e, s, stop, off in c.plan.spans():
+            keys = e.meta["keys"]
+            w.write(keys["packed"], packed[off:off + stop - s])
+            w.write(keys["norms"], norms[off:off + stop - s])
+            if s == 0:
+                w.write(keys["codebook"], cb)
+                if "signs" in keys:
+                    w.write(keys["signs"], hfmt.signs_array(e.meta))
     else:
-        if e.meta.get("source", "hlwq") == "hlwq":
-            m = e.meta
-            q = HLWQArray(packed=packed, norms=norms, codebook=jnp.asarray(cb), bits=m["bits"],
-                          block_size=m["block_size"], shape=(packed.shape[0], *info.shape[1:]),
-                          rotation=m["rotation"], seed=m["seed"], codebook_name=m["codebook"])
-        packed_ct, scale = ct.int4_from_hlwq(q, e.meta)
-        w.write(e.meta["keys"]["weight_packed"], packed_ct[:k])
-        w.write(e.meta["keys"]["weight_scale"], scale[:k])
-        if first:
-            w.write(e.meta["keys"]["weight_shape"], np.asarray(info.shape, np.int64))
+        if meta.get("source", "hlwq") == "hlwq":
+            q = HLWQArray(packed=jnp.asarray(packed), norms=jnp.asarray(norms), codebook=jnp.asarray(cb), bits=meta["bits"],
+                          block_size=meta["block_size"], shape=(c.plan.rows, *meta["shape"][1:]),
+                          rotation=meta["rotation"], seed=meta["seed"], codebook_name=meta["codebook"])
+        else:
+            q = c.out[0].astype(jnp.float32)
+        packed_ct, scale = ct.int4_from_hlwq(q, meta)
+        for e, s, stop, off in c.plan.spans():
+            w.write(e.meta["keys"]["weight_packed"], packed_ct[off:off + stop - s])
+            w.write(e.meta["keys"]["weight_scale"], scale[off:off + stop - s])
+            if s == 0:
+                w.write(e.meta["keys"]["weight_shape"], np.asarray(e.info.shape, np.int64))
     counters["write_seconds"] += time.perf_counter() - t0  # includes the host copies the wait did not cover
-    bar.update(k * info.nbytes // info.shape[0])
+    bar.update(sum((stop - s) * e.info.nbytes // e.info.shape[0] for e, s, stop in c.plan.pieces))
 
 
 def _copy_entry(w: StreamWriter, e: Entry, opts: ConvertOptions, bar) -> None:
@@ -264,30 +390,29 @@ def _copy_entry(w: StreamWriter, e: Entry, opts: ConvertOptions, bar) -> None:
         bar.update(chunk.nbytes)
 
 
-def _write_entries(w: StreamWriter, entries, opts: ConvertOptions, bar, counters: dict) -> None:
-    """Write every entry of one shard: copies directly, quantized chunks through the read/dispatch/finalize pipeline
-    (host memory: ≤ 3 chunks in flight — being read, being quantized, being written)."""
-    work = []
+def _write_entries(w: StreamWriter, entries, work: list[ChunkPlan], programs: dict, opts: ConvertOptions, bar,
+                   counters: dict) -> None:
+    """Write every entry of one shard: copies directly, quantized ones in its ``plan_chunks`` chunks ``work``
+    through the read/dispatch/finalize pipeline (host memory: ≤ 3 chunks in flight — being read, being quantized,
+    being written); ``programs`` from ``compile_programs``."""
     for e in entries:
         if e.meta is None:
             _copy_entry(w, e, opts, bar)
-        else:
-            work += [(e, *span) for span in chunk_spans(e.info, opts.chunk_bytes)]
     if not work:
         return
     pending, staging = None, [None] * _N_STAGING
     with ThreadPoolExecutor(max_workers=1) as pool:
-        nxt = pool.submit(_load_chunk, work[0][0].info, *work[0][1:], counters, staging, 0)
+        nxt = pool.submit(_load_chunk, work[0], counters, staging, 0)
         try:
-            for i, (e, s, stop, _) in enumerate(work):
+            for i, plan in enumerate(work):
                 x = nxt.result()
                 if i + 1 < len(work):  # chunk i−2, the last user of this slot, was finalized in the previous step
-                    nxt = pool.submit(_load_chunk, work[i + 1][0].info, *work[i + 1][1:], counters, staging,
-                                      (i + 1) % _N_STAGING)
-                bar.set_postfix_str(e.name[-40:], refresh=False)
+                    nxt = pool.submit(_load_chunk, work[i + 1], counters, staging, (i + 1) % _N_STAGING)
+                bar.set_postfix_str(plan.pieces[0][0].name[-40:], refresh=False)
                 t0 = time.perf_counter()
-                cur = _dispatch(e, x, s, stop)
+                cur = _dispatch(plan, x, programs)
                 counters["dispatch_seconds"] += time.perf_counter() - t0
+                counters["chunks"] += 1
                 del x
                 if pending is not None:
                     _finalize(w, pending, opts, bar, counters)
@@ -337,10 +462,13 @@ def limit_heap_growth(threshold: int = 1 << 20) -> bool:
 
 @contextlib.contextmanager
 def count_compiles():
-    """Yields {"compiles", "compile_seconds", "h2d_bytes", "<phase>_seconds"}: XLA backend compilations (any function,
-    this process) while the context is open, counted through ``jax.monitoring``; the converter fills in the bytes sent
-    to the device and the time of each phase (_PHASES; read and put run in the reader thread, in parallel)."""
-    counters = {"compiles": 0, "compile_seconds": 0.0, "h2d_bytes": 0, **{f"{k}_seconds": 0.0 for k in _PHASES}}
+    """Yields {"compiles", "compile_seconds", "chunks", "h2d_bytes", "<phase>_seconds"}: XLA backend compilations (any
+    function, this process) while the context is open, counted through ``jax.monitoring``; the converter fills in the
+    chunks dispatched (one program each), the bytes sent to the device and the time of each phase (_PHASES; read and
+    put run in the reader thread, in parallel; close — completeness check, fsync, rename — in the background
+    thread that also hashes the shard)."""
+    counters = {"compiles": 0, "compile_seconds": 0.0, "chunks": 0, "h2d_bytes": 0,
+                **{f"{k}_seconds": 0.0 for k in _PHASES}}
 
     def listen(event, seconds, **_):
         if event == _COMPILE_EVENT:
@@ -357,8 +485,8 @@ def count_compiles():
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, opts: ConvertOptions,
                        progress: bool = True) -> dict:
     """Convert SRC (HF safetensors dir) into DST. Resumable; returns stats {seconds, input_bytes, skipped_shards,
-    compiles, compile_seconds (XLA programs built during the conversion), h2d_bytes (bytes sent to the device),
-    <phase>_seconds (see ``count_compiles``)}."""
+    compiles, compile_seconds (XLA programs built during the conversion), chunks (quantized chunks dispatched),
+    h2d_bytes (bytes sent to the device), <phase>_seconds (see ``count_compiles``)}."""
     t0 = time.perf_counter()
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     index = CheckpointIndex(src)  # validates every header: truncation is reported before any output
@@ -373,28 +501,49 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, opts: Con
         stale.unlink()
     total = sum(e.info.nbytes for e in plan.entries)
     skipped, done_bytes, hashes = 0, 0, {}
-    # each final shard is hashed for the manifest in a background thread (hashlib releases the GIL) while the next
-    # shards are converted, instead of re-reading the whole output at the end
-    with count_compiles() as counters, ThreadPoolExecutor(max_workers=1) as hasher, \
+    final = {fname: _shard_is_final(dst / fname, entries, plan.fingerprint) for fname, entries in plan.shards}
+    chunks = {fname: plan_chunks(entries, opts.chunk_bytes) for fname, entries in plan.shards if not final[fname]}
+    # every program is compiled ahead, in parallel (``compile_programs``); each written shard is closed (completeness
+    # check, fsync, rename) and hashed for the manifest in a background thread (both release the GIL) while the next
+    # shards are converted, instead of the main thread waiting for the fsync and re-reading the whole output at the
+    # end; two workers, so consecutive shards' tails overlap
+    with count_compiles() as counters, ThreadPoolExecutor(max_workers=2) as hasher, \
+            ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 1))) as compiler, \
             tqdm(total=total, unit="B", unit_scale=True, desc="hlwq-quantize", disable=not progress) as bar:
+        programs = compile_programs([c for cs in chunks.values() for c in cs], compiler)
         for fname, entries in plan.shards:
             path = dst / fname
-            if _shard_is_final(path, entries, plan.fingerprint):
+            if final[fname]:
                 skipped += 1
                 bar.update(sum(e.info.nbytes for e in entries))
-                hashes[fname] = hasher.submit(hfmt.sha256_file, path)
+                hashes[fname] = hasher.submit(lambda p: (hfmt.sha256_file(p), 0.0), path)
                 continue
             specs = [s for e in entries for s in e.specs]
-            with StreamWriter(path, specs, {"format": "pt", "hlwq_plan": plan.fingerprint}) as w:
-                _write_entries(w, entries, opts, bar, counters)
-                t1 = time.perf_counter()
-            counters["close_seconds"] += time.perf_counter() - t1  # completeness check, fsync, rename
-            hashes[fname] = hasher.submit(hfmt.sha256_file, path)
+            w = StreamWriter(path, specs, {"format": "pt", "hlwq_plan": plan.fingerprint})
+            try:
+                _write_entries(w, entries, chunks[fname], programs, opts, bar, counters)
+            except BaseException:
+                for f in programs.values():
+                    f.cancel()
+                w.abort()
+                raise
+            hashes[fname] = hasher.submit(_close_and_hash, w)
             done_bytes += sum(e.info.nbytes for e in entries)
         t1 = time.perf_counter()
-        _finish(src, dst, plan, opts, {f: h.result() for f, h in hashes.items()})
-        counters["finish_seconds"] += time.perf_counter() - t1  # the last shards' hashes, index, configs, manifest
+        done = {f: h.result() for f, h in hashes.items()}
+        counters["close_seconds"] += sum(dt for _, dt in done.values())  # in the background thread
+        _finish(src, dst, plan, opts, {f: sha for f, (sha, _) in done.items()})
+        counters["finish_seconds"] += time.perf_counter() - t1  # waiting for the last shards' close + hash; index,
+        # configs, manifest
     return {"seconds": time.perf_counter() - t0, "input_bytes": done_bytes, "skipped_shards": skipped, **counters}
+
+
+def _close_and_hash(w: StreamWriter) -> tuple[str, float]:
+    """Background: close a written shard (completeness check, fsync, rename to its final name); returns (its sha256,
+    seconds the close took)."""
+    t0 = time.perf_counter()
+    path = w.close()
+    return hfmt.sha256_file(path), time.perf_counter() - t0
 
 
 def _finish(src: pathlib.Path, dst: pathlib.Path, plan: Plan, opts: ConvertOptions, hashes: dict[str, str]) -> None:

@@ -3,9 +3,10 @@
     python -m hlwq_jax.cli.quantize SRC DST --bits 5 --recipe nemotron-h
     python -m hlwq_jax.cli.quantize SRC DST --bits 5 --export compressed-tensors     # HLWQ Q5, then INT4 g128
 
-Tensor by tensor, in row chunks (host memory ≈ one chunk + constants), with a progress bar. Shards are written
-atomically; re-running the same command after an interruption resumes (finished shards are kept) and yields files
-identical to an uninterrupted run; ``hlwq_manifest.json`` appears last and marks the output complete.
+In row chunks (small tensors of one shape share a chunk; host memory ≈ a few chunks + constants), with a progress
+bar. Shards are written atomically; re-running the same command after an interruption resumes (finished shards are
+kept) and yields files identical to an uninterrupted run; ``hlwq_manifest.json`` appears last and marks the output
+complete.
 Recipes: ``nemotron-h`` (alias ``mamba-aware``) — the Mamba-aware selection of docs/hlwq.md §3 (attention, Mamba
 in/out_proj and experts quantized; norms, conv1d, A_log, D, dt_bias, biases, routers, embeddings kept;
 lm_head kept unless ``--lm-head-bits``); ``all`` — every tensor with ≥ 2 dims and ≥ 256 elements.
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct-source", default="hlwq", choices=("hlwq", "weights"),
                    help="compressed-tensors: INT4 of the HLWQ-dequantized weight (default) or of the source weight")
     p.add_argument("--ct-group-size", type=int, default=128)
-    p.add_argument("--shard-gb", type=float, default=4.0, help="output shard size (GiB)")
+    p.add_argument("--shard-gb", type=float, default=2.0, help="output shard size (GiB)")
     p.add_argument("--chunk-mb", type=float, default=16.0, help="rows processed at once (MiB of float32)")
     p.add_argument("--no-progress", action="store_true")
     return p

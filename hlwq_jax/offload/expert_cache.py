@@ -4,9 +4,12 @@ Flow of one MoE layer call (``cached_moe``):
   1. read the routed ids [T, k] to the host (one sync per layer);
   2. split the tokens into groups whose expert union fits in C slots (one group unless C is too small: prefill,
      batches) — never drop an expert;
-  3. per group: one policy access step on the union (policy.py's counting rule), all misses fetched in ONE
-     ``device_put`` of one contiguous uint8 row per expert (or taken from a prefetch), installed by ONE jitted call
-     that donates the slot buffers: stack the rows, split them into fields (slice + bitcast), scatter per field;
+  3. per group: one policy access step on the union (policy.py's counting rule), then the misses are brought in by
+     the bank's transfer path (``bank.transfer``): ``"rows"``: ONE ``device_put`` of one contiguous uint8 row per
+     expert (or taken from a prefetch), installed by ONE jitted call that donates the slot buffers: stack the rows,
+     split them into fields (slice + bitcast), scatter per field; ``"stacked-jit"``: ONE jitted, donated call does
+     it all from the layer's stacked host array (``_gather_install``: in-jit host→device copy per miss, split,
+     scatter; miss list padded to ``bank.transfer_length`` entries, padded ones aimed at slot C and dropped);
   4. the routed FFN runs on the slot buffers with ids mapped through the expert→slot map; with several groups each
      pass runs on all T tokens (same shapes as the all-resident call) and ``where`` keeps a token's result from its
      own group — so the output equals the all-resident output bit for bit (same function, same shapes).
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hlwq_jax.offload import policy as P
-from hlwq_jax.offload.bank import FieldSpec, _Bank, split_rows
+from hlwq_jax.offload.bank import FieldSpec, _Bank, gather_host_rows, split_rows, transfer_length, transfer_lengths
 from hlwq_jax.nn.moe import moe_experts
 
 
@@ -45,16 +48,19 @@ def routed_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: di
 @dataclasses.dataclass
 class LayerStats:
     """Per-layer counters. steps: access steps (= token groups); hits / misses: policy.py's counting rule;
-    transfers: device_put calls; bytes_moved: host→device bytes, prefetches included (used or wasted);
-    prefetched: misses served by a prefetch; prefetch_wasted: prefetched experts never used. ``wait_s``: host time
-    blocked in the routing-id read and, with ``sync_timing``, on transfers; ``transfer_s``: dispatch-to-ready time
-    of transfers (only measured with ``sync_timing``)."""
+    transfers: host→device transfer calls (``"rows"``: device_put calls; ``"stacked-jit"``: gather-install or
+    gather calls); bytes_moved: host→device bytes, prefetches and padded rows included (used or wasted); pad_rows:
+    rows copied only as padding of a stacked-jit miss list (wasted); prefetched: misses served by a prefetch;
+    prefetch_wasted: prefetched experts never used. ``wait_s``: host time blocked in the routing-id read and, with
+    ``sync_timing``, on transfers; ``transfer_s``: dispatch-to-ready time of transfers (only measured with
+    ``sync_timing``; for stacked-jit it includes the install, which is the same program)."""
     steps: int = 0
     groups: int = 0
     hits: int = 0
     misses: int = 0
     transfers: int = 0
     bytes_moved: int = 0
+    pad_rows: int = 0
     prefetched: int = 0
     prefetch_wasted: int = 0
     wait_s: float = 0.0
@@ -70,6 +76,15 @@ def _install(buffers, slots, rows, *, specs: tuple[FieldSpec, ...]):
     """buffers: per field [C, ...]; slots int32 [M]; rows: M uint8 expert rows [expert_nbytes]. In place."""
     new = split_rows(specs, jnp.stack(rows))
     return tuple(b.at[slots].set(n) for b, n in zip(buffers, new))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("specs",))
+def _gather_install(buffers, stacked, idx, *, specs: tuple[FieldSpec, ...]):
+    """The ``"stacked-jit"`` miss path in one program. buffers: per field [C, ...] (donated: in place); stacked: the
+    layer's host bank uint8 [E, expert_nbytes]; idx int32 [2, M]: expert ids (row 0) and target slots (row 1; slot C
+    marks a padded entry: its row is copied, then dropped by the scatter, so no slot changes)."""
+    new = split_rows(specs, gather_host_rows(stacked, idx[0]))
+    return tuple(b.at[idx[1]].set(n, mode="drop") for b, n in zip(buffers, new))
 
 
 class LayerCache:
@@ -110,8 +125,10 @@ class LayerCache:
         for e, row in zip(want, self.bank.fetch(want)):
             self._staged[e] = row
         if want:
+            pad = transfer_length(len(want)) - len(want) if self.bank.transfer == "stacked-jit" else 0
             self.stats.transfers += 1
-            self.stats.bytes_moved += len(want) * self.bank.expert_nbytes
+            self.stats.pad_rows += pad
+            self.stats.bytes_moved += (len(want) + pad) * self.bank.expert_nbytes
         return len(want)
 
     def ensure(self, experts: Sequence[int]) -> None:
@@ -130,6 +147,13 @@ class LayerCache:
             self.slot_of[e] = s
         staged = [e for e in r.misses if e in self._staged]
         cold = [e for e in r.misses if e not in self._staged]
+        self.stats.prefetched += len(staged)
+        if self.bank.transfer == "stacked-jit":
+            if staged:  # prefetched rows are already on the device: the rows install
+                self._install(staged, [self.slot_of[e] for e in staged], {e: self._staged.pop(e) for e in staged})
+            if cold:
+                self._gather_install(cold, [self.slot_of[e] for e in cold])
+            return
         t0 = time.perf_counter()
         fetched = dict(zip(cold, self.bank.fetch(cold)))
         if cold:
@@ -137,13 +161,29 @@ class LayerCache:
             self.stats.bytes_moved += len(cold) * self.bank.expert_nbytes
         for e in staged:
             fetched[e] = self._staged.pop(e)
-        self.stats.prefetched += len(staged)
         if self.sync_timing:
             jax.block_until_ready([fetched[e] for e in cold])
             dt = time.perf_counter() - t0
             self.stats.transfer_s += dt
             self.stats.wait_s += dt
         self._install(list(r.misses), slots, fetched)
+
+    def _gather_install(self, experts, slots):
+        """Stacked-jit: copy and install ``experts`` into ``slots`` in one call (padded to ``transfer_length``)."""
+        self.bank._check_ids(experts)
+        m = len(experts)
+        n = transfer_length(m, self.slots)
+        idx = np.asarray([experts + [experts[-1]] * (n - m), slots + [self.slots] * (n - m)], np.int32)
+        t0 = time.perf_counter()
+        self.buffers = _gather_install(self.buffers, self.bank.stacked, idx, specs=self._specs)
+        self.stats.transfers += 1
+        self.stats.pad_rows += n - m
+        self.stats.bytes_moved += n * self.bank.expert_nbytes
+        if self.sync_timing:  # transfer and install are one program: timed together
+            jax.block_until_ready(self.buffers)
+            dt = time.perf_counter() - t0
+            self.stats.transfer_s += dt
+            self.stats.wait_s += dt
 
     def _install(self, misses, slots, fetched):
         m = len(misses)
@@ -153,8 +193,9 @@ class LayerCache:
         self.buffers = _install(self.buffers, idx, tuple(fetched[e] for e in order), specs=self._specs)
 
     def precompile(self) -> None:
-        """Compile the install scatter for every padded miss count (powers of two ≤ C) before timing; only on an
-        empty cache (it writes zeros into the slots)."""
+        """Compile the install scatter for every padded miss count (powers of two ≤ C) before timing, and with
+        ``"stacked-jit"`` the gather-install for every ``transfer_lengths(C)`` (all entries aimed at the padding
+        slot C: dropped, nothing changes); only on an empty cache (the rows install writes zeros into the slots)."""
         if self.slot_of:
             raise ValueError("precompile() needs an empty cache")
         zero = jax.device_put(np.zeros(self.bank.expert_nbytes, np.uint8), self.bank.device_sharding)
@@ -163,6 +204,10 @@ class LayerCache:
             self.buffers = _install(self.buffers, jnp.arange(m, dtype=jnp.int32), (zero,) * m,
                                     specs=self._specs)
             m *= 2
+        if self.bank.transfer == "stacked-jit":
+            for n in transfer_lengths(self.slots):
+                idx = np.asarray([np.arange(n) % self.bank.n_experts, np.full(n, self.slots)], np.int32)
+                self.buffers = _gather_install(self.buffers, self.bank.stacked, idx, specs=self._specs)
         jax.block_until_ready(self.buffers)
 
     def drop_staged(self) -> None:

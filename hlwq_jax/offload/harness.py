@@ -7,19 +7,22 @@ Both harnesses expose: ``banks``, ``top_k``, ``n_experts``; ``resident(restricte
 must continue where the previous call stopped) and returns their outputs as device arrays, without waiting for them
 (the caller times a whole run: batch-1 decode loops overlap host dispatch with device work where they can).
 ``MoEOnlyHarness.speculative_pass(moe)``: a ``run`` of bare speculative passes (the pipelined loop's device floor).
-``restricted`` adds a +100 selection bias to experts ``restricted_experts`` = [0, min slots) in every router, so
+``use_transfer(t)`` rebuilds the banks for transfer path ``t`` (bank.py's ``TRANSFERS``; same bytes, the old banks
+released first: a bf16 bank set is 58.75 GB of pinned host memory). ``restricted`` adds a +100 selection bias to
+experts ``restricted_experts`` = [0, min slots) in every router, so
 routing stays inside the smallest cache (the no-miss measurement; the benchmark preloads them before timing).
 """
 from __future__ import annotations
 
 import functools
+import gc
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hlwq_jax.models import nemotron_h as nh
-from hlwq_jax.offload.bank import HostBank, expert_row, split_layer
+from hlwq_jax.offload.bank import HostBank, check_transfer, expert_row, split_layer
 from hlwq_jax.offload.expert_cache import routed_experts
 from hlwq_jax.offload.moe_stack import (OffloadConfig, OffloadedMoE, eager_resident_step, moe_only_decode,
                                         resident_decode_step, residual_add, route_layer, speculative_stack,
@@ -29,9 +32,11 @@ from hlwq_jax.quant.hlwq import quantize
 
 
 def build_banks(n_layers: int, n_experts: int, hidden: int, inter: int, precision: str, key, *, unique: int,
-                q_block: int = 128) -> list[HostBank]:
+                q_block: int = 128, transfer: str = "stacked-jit") -> list[HostBank]:
     """One pinned-host bank per layer whose entries cycle over ``unique`` random experts
-    ({"up_proj" [F, D], "down_proj" [D, F]}, bf16 or HLWQ Q5)."""
+    ({"up_proj" [F, D], "down_proj" [D, F]}, bf16 or HLWQ Q5), laid out for ``transfer`` (per-expert rows, or one
+    stacked [E, expert_nbytes] array per layer). The same key gives the same bytes for every transfer path."""
+    check_transfer(transfer, "build_banks")
     k1, k2 = jax.random.split(key)
     up = (jax.random.normal(k1, (unique, inter, hidden), jnp.float32) / np.sqrt(hidden)).astype(jnp.bfloat16)
     down = (jax.random.normal(k2, (unique, hidden, inter), jnp.float32) / np.sqrt(inter)).astype(jnp.bfloat16)
@@ -46,11 +51,18 @@ def build_banks(n_layers: int, n_experts: int, hidden: int, inter: int, precisio
     rows = [expert_row([a[u] for a in arrays]) for u in range(unique)]
     dev = jax.devices()[0]
     host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
-    banks = []
+    banks, staged = [], {}
     for l in range(n_layers):
-        placed = jax.device_put([rows[(l * n_experts + e) % unique] for e in range(n_experts)], host)  # one call
-        banks.append(HostBank.from_rows(specs, {k: dict(v) for k, v in layout.items()}, placed, device=dev))
-    jax.block_until_ready([b._rows for b in banks])
+        order = tuple((l * n_experts + e) % unique for e in range(n_experts))
+        lay = {k: dict(v) for k, v in layout.items()}
+        if transfer == "rows":
+            placed = jax.device_put([rows[u] for u in order], host)  # one call
+            banks.append(HostBank.from_rows(specs, lay, placed, device=dev))
+        else:  # numpy staging per distinct expert order (never written after), copied into one host array per layer
+            if order not in staged:
+                staged[order] = np.stack([rows[u] for u in order])
+            banks.append(HostBank.from_stacked(specs, lay, staged[order], device=dev))
+    jax.block_until_ready([b.host_arrays for b in banks])
     return banks
 
 
@@ -82,6 +94,18 @@ def random_dense_params(config: nh.NemotronHConfig, key, dtype=jnp.bfloat16) -> 
         return leaf(name, t)
 
     return walk(nh.abstract_params(config, dtype))
+
+
+def _use_transfer(h, transfer: str) -> None:
+    """Rebuild ``h.banks`` for ``transfer`` (no-op if already so); the old banks are released before the new ones are
+    built (callers must hold no cache of the old banks)."""
+    check_transfer(transfer, "harness")
+    if transfer == h.transfer:
+        return
+    h.banks = None
+    gc.collect()
+    h.banks = build_banks(*h._bank_args, unique=h.cfg.unique_experts, q_block=h.cfg.q_block, transfer=transfer)
+    h.transfer = transfer
 
 
 def _restrict_bias(bias, n):
@@ -133,11 +157,12 @@ class MoEOnlyHarness:
     """The MoE layers alone (moe_stack's stand-in model); token embeddings: random hidden states [1, D], fixed per
     position; each token's input also carries the previous token's output (``moe_stack.token_input``)."""
 
-    def __init__(self, cfg, precision: str, key):
+    def __init__(self, cfg, precision: str, key, transfer: str = "stacked-jit"):
         kb, kr, kx = jax.random.split(key, 3)
         self.cfg, self.top_k, self.n_experts = cfg, cfg.top_k, cfg.experts
-        self.banks = build_banks(cfg.layers, cfg.experts, cfg.hidden, cfg.inter, precision, kb,
-                                 unique=cfg.unique_experts, q_block=cfg.q_block)
+        self._bank_args = (cfg.layers, cfg.experts, cfg.hidden, cfg.inter, precision, kb)
+        self.transfer = transfer
+        self.banks = build_banks(*self._bank_args, unique=cfg.unique_experts, q_block=cfg.q_block, transfer=transfer)
         self.routers = []
         for k in jax.random.split(kr, cfg.layers):
             gate = jax.random.normal(k, (cfg.experts, cfg.hidden), jnp.float32) / np.sqrt(cfg.hidden)
@@ -183,12 +208,15 @@ class MoEOnlyHarness:
     def drop_resident(self):
         self.full = None
 
+    def use_transfer(self, transfer: str) -> None:
+        _use_transfer(self, transfer)
+
 
 class FullModelHarness:
     """The whole Nemotron-H (Nano-30B shapes, or a tiny config) with random weights; prefill ``cfg.prompt`` tokens at
     step 0, then one token per step, teacher-forced with fixed random tokens (identical inputs for every run)."""
 
-    def __init__(self, cfg, precision: str, key):
+    def __init__(self, cfg, precision: str, key, transfer: str = "stacked-jit"):
         if cfg.warmup < 1:
             raise ValueError("full-model bench: warmup must be >= 1 (step 0 includes the prefill)")
         if cfg.tiny_model:
@@ -204,8 +232,10 @@ class FullModelHarness:
         self.moe_layers = [i for i, t in enumerate(c.layer_types) if t == "E"]
         kp, kb, kt = jax.random.split(key, 3)
         self.params = random_dense_params(c, kp)
-        self.banks = build_banks(len(self.moe_layers), c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
-                                 precision, kb, unique=cfg.unique_experts, q_block=cfg.q_block)
+        self._bank_args = (len(self.moe_layers), c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
+                           precision, kb)
+        self.transfer = transfer
+        self.banks = build_banks(*self._bank_args, unique=cfg.unique_experts, q_block=cfg.q_block, transfer=transfer)
         n = cfg.prompt + cfg.warmup + cfg.tokens
         self.tokens = np.asarray(jax.random.randint(kt, (1, n), 0, c.vocab_size, jnp.int32))
         self.restricted_experts = list(range(min(cfg.slots)))
@@ -264,3 +294,6 @@ class FullModelHarness:
 
     def drop_resident(self):
         self.full = None
+
+    def use_transfer(self, transfer: str) -> None:
+        _use_transfer(self, transfer)

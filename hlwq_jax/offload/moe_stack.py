@@ -10,6 +10,9 @@ pre-RMS-norm residuals, h = rms(x); x += routed(h) — real expert shapes and ro
 input is its embedding plus a small term of the previous token's output (``token_input``), so tokens depend on each
 other as in a real decode loop and every token's input stays on the device.
 
+Transfers: every install (misses, preload, speculative repairs) goes through ``LayerCache.ensure`` and so through
+the banks' transfer path (``HostBank(..., transfer="rows" | "stacked-jit")``, bank.py); nothing here depends on it.
+
 Speculative mode (``OffloadConfig.speculative``, stand-in model only): the per-layer loop reads each layer's routed
 ids to the host before it can run the layer (L syncs per token). Instead, ``speculative_stack`` runs ALL L layers in
 ONE jitted call with the current expert→slot maps: per layer it routes, looks the ids up in the slot map and runs

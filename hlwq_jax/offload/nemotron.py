@@ -6,6 +6,23 @@ segments the host reads the routed ids (one sync per MoE layer) and ``OffloadedM
 cache slots (``nn.moe.moe_experts(impl="gather")``). With every cache size the logits equal those of the same
 segmented forward with all experts resident, bit for bit; against ``models.nemotron_h.forward`` (one jit, other
 fusion) they agree to float rounding.
+
+Speculative mode (``OffloadConfig.speculative``): the segmented forward syncs once per MoE layer (23 host reads per
+token for Nano-30B) and its no-miss decode ran at a third of the all-resident speed on the H200. Instead
+``_speculative_pass`` runs every segment and every routed-expert call of one forward in ONE jitted call on the slot
+buffers as they are (absent experts read slot 0: garbage, detected), and returns the logits, the new layer states
+and one int32 code per routed id (the id, or ``~id`` where the expert is absent); ONE host read of the codes follows.
+All hit: the pass is the forward — the states become the new cache and each MoE layer's policy gets the access step
+the per-layer path would have made (queued, ``OffloadedMoE.apply_pending``). Any miss: the pass is discarded and the
+token runs through the per-layer path from the same cache (which installs the misses). Each segment and routed call
+is the same jitted function either way, kept apart by optimization barriers (as in ``moe_stack.speculative_stack``).
+Exactness: on the CPU the output equals the per-layer path's bit for bit (tests/offload/test_nemotron_offload.py);
+on the H200 the accepted passes did NOT (results/offload_h200_full_spec.jsonl, ``exact`` false in both no-miss
+speculative rows; the size of the difference was not recorded — the benchmark now writes ``max_abs_diff``): XLA
+compiles the one-call pass differently somewhere (GEMM choice or fusion of barrier-independent work are the
+suspects; the MoE-only stand-in's pass is exact there). So speculative decode of the hybrid model agrees with the
+per-layer path to float rounding, like ``models.nemotron_h.forward``, and is opt-in. Not pipelined (token t+1 is
+dispatched after t's read); routing traces are recorded on the per-layer path only.
 """
 from __future__ import annotations
 
@@ -25,7 +42,7 @@ from hlwq_jax.nn.moe import route
 from hlwq_jax.nn.norms import rms_norm
 from hlwq_jax.offload.bank import HostBank, _Bank
 from hlwq_jax.offload.expert_cache import routed_experts
-from hlwq_jax.offload.moe_stack import OffloadConfig, OffloadedMoE
+from hlwq_jax.offload.moe_stack import OffloadConfig, OffloadedMoE, decode_codes
 from hlwq_jax.offload.trace import TraceRecorder
 
 
@@ -71,6 +88,29 @@ def _segment(config, kinds: tuple[str, ...], final: bool, p: dict, states: tuple
     return x, tuple(new_states), h, ids, w, shared, predicted
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _speculative_pass(config, layout: tuple, seg_params: tuple, seg_states: tuple, tokens, smaps, slot_weights):
+    """One forward: every segment (``layout``: (kinds, final) per segment, with its params and states) and, between
+    them, the routed experts of each MoE layer j on its slot buffers ``slot_weights[j]`` through the slot map
+    ``smaps[j]`` (int32 [L, E], −1 absent). → (logits f32 [B, T, V], new states per segment, codes int32
+    [L, B·T·k]: routed ids, ``~id`` where the expert is absent — ``moe_stack.decode_codes``)."""
+    barrier = jax.lax.optimization_barrier  # keeps each call's fusions as compiled alone (bit-identical results)
+    slots = jnp.maximum(smaps, 0)
+    x, pending, new_states, ids_l = tokens, None, [], []
+    for j, ((kinds, final), p, st) in enumerate(zip(layout, seg_params, seg_states)):
+        out = barrier(_segment(config, kinds, final, p, st, x, pending))
+        new_states.append(out[1])
+        if final:
+            logits = out[0]
+            break
+        x, _, h, ids, w, shared, _ = out
+        pending = (barrier(routed_experts(h, slots[j][ids], w, slot_weights[j])), shared)
+        ids_l.append(ids.reshape(-1))
+    ids = jnp.stack(ids_l).astype(jnp.int32)
+    codes = jnp.where(jnp.take_along_axis(smaps, ids, axis=1) >= 0, ids, ~ids)
+    return logits, tuple(new_states), codes
+
+
 class OffloadedNemotronH:
     """``forward(tokens, cache)`` like ``models.nemotron_h.forward``, with routed experts in ``banks``.
 
@@ -88,9 +128,6 @@ class OffloadedNemotronH:
         if offload is None:
             self.moe, self.resident = None, [params["layers"][i]["mixer"]["experts"] for i in moe_idx]
         else:
-            if offload.speculative:
-                raise ValueError("offloaded Nemotron-H: speculative decode is implemented for the MoE-only stand-in "
-                                 "model only (moe_stack.speculative_decode), not for the hybrid model")
             if banks is None:
                 banks = [HostBank(params["layers"][i]["mixer"]["experts"]) for i in moe_idx]
             if len(banks) != len(moe_idx):
@@ -119,6 +156,42 @@ class OffloadedNemotronH:
                 trace: tuple[str, str] | None = None):
         """Logits f32 [B, T, V] and the updated cache. ``trace=(prompt, phase)`` records routing (B must be 1;
         positions start at the cache length)."""
+        if self.moe is not None and self.moe.cfg.speculative:
+            if trace is not None:
+                raise ValueError("offloaded Nemotron-H: routing traces are recorded on the per-layer path; use "
+                                 "speculative=False to record")
+            return self._speculative_forward(tokens, cache)
+        return self._forward_layers(tokens, cache, trace)
+
+    def _speculative_forward(self, tokens: jax.Array, cache: nh.NemotronHCache | None):
+        """One ``_speculative_pass`` and one host read; the per-layer path from the same cache if a layer missed."""
+        moe, n_moe = self.moe, len(self.moe.caches)
+        states = list(cache.layers) if cache is not None else [None] * self.config.num_layers
+        layout = tuple((kinds, final) for kinds, _, final, _ in self.segments)
+        logits, seg_states, codes = _speculative_pass(
+            self.config, layout, tuple(p for *_, p in self.segments),
+            tuple(tuple(states[i] for i in idx) for _, idx, _, _ in self.segments), tokens,
+            moe.device_slot_maps(), [c.weights() for c in moe.caches])
+        moe.apply_pending()  # the previous token's policy steps, while the pass runs (hits: no slot map changes)
+        (codes_h,) = moe._read((codes,))
+        ids_h, hit = decode_codes(codes_h, self.config.moe.top_k)
+        moe.spec.tokens += 1
+        if not hit.all():
+            moe.spec.rollbacks += 1
+            moe.spec.resumed_layers += n_moe
+            return self._forward_layers(tokens, cache, None)
+        moe.spec.accepts += 1
+        for l in range(n_moe):  # every routed expert resident: one access step per layer, all hits
+            moe._pending.append((l, list(dict.fromkeys(ids_h[l].reshape(-1).tolist()))))
+        moe.end_step()
+        for (_, idx, _, _), st in zip(self.segments, seg_states):
+            for i, s in zip(idx, st):
+                states[i] = s
+        new_cache = None if cache is None else nh.NemotronHCache(tuple(states), cache.length + tokens.shape[1])
+        return logits, new_cache
+
+    def _forward_layers(self, tokens: jax.Array, cache: nh.NemotronHCache | None, trace):
+        """The segmented forward: one sync per MoE layer (module docstring)."""
         b, t = tokens.shape
         states = list(cache.layers) if cache is not None else [None] * self.config.num_layers
         pos0 = int(cache.length) if cache is not None else 0

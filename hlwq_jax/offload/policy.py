@@ -34,12 +34,12 @@ class StepResult:
 
 
 def _check_step(experts: Sequence[int], slots: int) -> tuple[int, ...]:
-    step = tuple(int(e) for e in experts)
+    step = tuple(map(int, experts))
     if not step:
         raise ValueError("access step is empty")
     if len(set(step)) != len(step):
         raise ValueError(f"access step {step} repeats an expert")
-    if any(e < 0 for e in step):
+    if min(step) < 0:
         raise ValueError(f"access step {step} has a negative expert id")
     if len(step) > slots:
         raise ValueError(f"access step needs {len(step)} experts at once but the cache has only {slots} slots")
@@ -82,8 +82,14 @@ class EvictionPolicy:
         """Make every expert of ``experts`` resident at once; returns hits, misses and evictions."""
         step = _check_step(experts, self.slots)
         self._begin_step(step)
-        hits = tuple(e for e in step if e in self.resident)
-        misses = tuple(e for e in step if e not in self.resident)
+        resident = self.resident
+        misses = tuple(e for e in step if e not in resident)
+        if not misses:  # all hits (a decode loop's common case): the loop below would do nothing
+            for e in step:
+                self._on_hit(e)
+            self.accesses += len(step)
+            return StepResult(step, (), ())
+        hits = tuple(e for e in step if e in resident)
         for e in hits:
             self._on_hit(e)
         protected = set(step)

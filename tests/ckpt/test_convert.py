@@ -107,31 +107,31 @@ def test_nonfinite_weight_names_file_and_tensor(tmp_path, rng):
     assert not (dst / hfmt.MANIFEST_FILE).exists() and not list(dst.glob("*.partial"))
 
 
-@pytest.mark.parametrize("chunk_bytes,max_per_width", [(128 * 128 * 4, 5), (1 << 20, 7)])
-def test_compiled_programs_shared_across_tensors_of_one_width(tmp_path, rng, chunk_bytes, max_per_width):
-    """36 tensors of 36 distinct shapes (150..399 rows) but 3 input widths: chunk row counts come from a few
-    quarter-octave sizes per width, so XLA builds a few programs per width (counted by jax.monitoring), not one per
-    shape: several chunks per tensor (full chunks of 256 / 128 / 85 rows) → ≤ 5; one chunk per tensor → ≤ 7
-    (160, 192, 224, 256, 320, 384, 448). Padding ≤ 25 %; the output equals whole-tensor quantization bit for bit."""
+@pytest.mark.parametrize("chunk_bytes", [128 * 128 * 4, 1 << 20])
+def test_compiled_programs_shared_across_tensors_of_one_width(tmp_path, rng, chunk_bytes):
+    """36 tensors of 36 distinct shapes (150..399 rows) but 3 input widths: the rows of each width's tensors are packed
+    into chunks of ``full`` rows (256 / 128 / 85 at 64 KiB, 4096 / 2048 / 1365 at 1 MiB) plus one padded tail, so XLA
+    builds ≤ 2 programs per width (counted by jax.monitoring), not one per shape, and dispatches ⌈rows / full⌉ chunks
+    per width, not one or more per tensor. Padding ≤ 25 %; the output equals whole-tensor quantization bit for bit."""
     outs = rng.permutation(np.arange(150, 400))[:36]
-    shapes = {f"model.layers.{i}.q_proj.weight": (int(o), (64, 128, 192)[i % 3]) for i, o in enumerate(outs)}
+    widths = (64, 128, 192)
+    shapes = {f"model.layers.{i}.q_proj.weight": (int(o), widths[i % 3]) for i, o in enumerate(outs)}
     src = make_checkpoint(tmp_path / "src", rng, shapes=shapes, n_shards=2)
     opts = _opts(shard_bytes=1 << 30, chunk_bytes=chunk_bytes)
     stats = cv.convert_checkpoint(tmp_path / "src", tmp_path / "dst", opts, progress=False)
     ck = hfmt.HLWQCheckpoint(tmp_path / "dst")
-    index = cv.CheckpointIndex(tmp_path / "src")
-    programs, real, padded = set(), 0, 0
-    for name, info in index.tensors.items():
-        spans = cv.chunk_spans(info, opts.chunk_bytes)
-        assert [s for s, _, _ in spans] == list(range(0, info.shape[0], spans[0][2]))  # contiguous cover
-        programs |= {(rows, info.shape[1]) for _, _, rows in spans}
-        real, padded = real + info.shape[0], padded + sum(rows for _, _, rows in spans)
-    per_width = {w: sum(1 for _, v in programs if v == w) for w in (64, 128, 192)}
-    assert max(per_width.values()) <= max_per_width, per_width
-    assert padded <= 1.25 * real
-    assert stats["compiles"] <= len(programs) <= 3 * max_per_width < len(set(shapes.values()))
-    assert stats["h2d_bytes"] == 2 * sum(rows * info.shape[1] for info in index.tensors.values()
-                                         for _, _, rows in cv.chunk_spans(info, opts.chunk_bytes))  # bf16, not f32
+    plan = cv.plan_conversion(cv.CheckpointIndex(tmp_path / "src"), opts)
+    assert len(plan.shards) == 1
+    chunks = cv.plan_chunks(plan.shards[0][1], opts.chunk_bytes)
+    programs = {(c.rows, c.pieces[0][0].info.shape[1]) for c in chunks}
+    per_width = {w: sum(1 for _, v in programs if v == w) for w in widths}
+    assert max(per_width.values()) <= 2, per_width
+    real = sum(o for o, _ in shapes.values())
+    assert real == sum(c.real_rows for c in chunks) <= sum(c.rows for c in chunks) <= 1.25 * real
+    rows = {w: sum(o for o, v in shapes.values() if v == w) for w in widths}
+    assert stats["chunks"] == len(chunks) == sum(-(-rows[w] // (chunk_bytes // (4 * w))) for w in widths)
+    assert stats["compiles"] <= len(programs) <= 6 < len(set(shapes.values()))
+    assert stats["h2d_bytes"] == 2 * sum(c.rows * c.pieces[0][0].info.shape[1] for c in chunks)  # bf16, not f32
     for name in list(src)[:4]:
         want = quantize(np.asarray(src[name], np.float32), bits=5, block_size=64)
         got = ck.read(name)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from hlwq_jax.offload import trace as T
+from hlwq_jax.offload.bank import TRANSFERS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -22,14 +23,27 @@ def bench(tmp_path, *extra):
 
 
 def test_tiny_bench(tmp_path):
-    """Also sweeps speculative decode (--speculative both): same hit rates, exact, one host read per token when warm."""
-    p, rows, tr, png = bench(tmp_path, "--speculative", "both")
-    assert "random weights route near-uniformly" in p.stdout
+    """Also sweeps speculative decode (--speculative both): same hit rates, exact, one host read per token when warm;
+    and both transfer paths (--transfer both): a probe row each, same policy decisions, both exact."""
+    p, rows, tr, png = bench(tmp_path, "--speculative", "both", "--transfer", "both")
+    assert "random weights route near-uniformly" in p.stdout and "stacked-jit preflight ok on cpu" in p.stdout
     kinds = [r["kind"] for r in rows]
     res = [r for r in rows if r["kind"] == "resident"]
     assert all(r["baseline"] == "one_jit" and set(r["ms_per_token_variants"]) == {"one_jit", "eager"} for r in res)
     assert all(set(r["variants_exact"]) == {"one_jit", "eager"} and r["variants_exact"]["eager"] is True for r in res)
-    assert kinds.count("resident") == 4 and kinds.count("nomiss") == 4 and kinds.count("decode") == 8
+    assert kinds.count("resident") == 4 and kinds.count("nomiss") == 8 and kinds.count("decode") == 16
+    probes = [r for r in rows if r["kind"] == "transfer_probe"]
+    assert [(r["bank"], r["transfer"]) for r in probes] == [(b, t) for b in ("bf16", "q5") for t in TRANSFERS]
+    for r in probes:
+        assert r["ok"] is True and r["ms_per_miss"] > 0 and r["contiguous_ms_per_expert"] > 0 and r["pad_rows"] == 0
+        assert r["transfers"] == 3 + r["calls"] and r["misses_per_call"] == 2  # top_k = 2 <= C = 2: all miss
+    assert all(r["transfer"] is None for r in rows if r["kind"] in ("resident", "replay"))
+    assert all(r["transfer"] in TRANSFERS and r["config"]["transfer"] == list(TRANSFERS)
+               for r in rows if r["kind"] in ("nomiss", "decode"))
+    dec = {(r["bank"], r["slots"], r["speculative"], r["transfer"]): r for r in rows if r["kind"] == "decode"}
+    for (b, c, sp, t), r in dec.items():  # the transfer path changes how experts move, not which
+        keys = ("misses", "accesses", "bytes_moved", "pad_rows")
+        assert [r[k] for k in keys] == [dec[b, c, sp, "rows"][k] for k in keys]
     for r in rows:
         assert r["model"] == "moe_only" and r["config"]["layers"] == 2 and "git_sha" in r and "jax" in r
     for r in (r for r in rows if r["kind"] in ("decode", "nomiss")):
@@ -63,7 +77,7 @@ def test_tiny_bench(tmp_path):
             assert r["host_reads_per_token"] == (1 if r["speculative"] else layers)
             assert r["spec_accepts"] == (tokens if r["speculative"] else 0)
     for a, b in zip(*[[r for r in rows if r["kind"] == "decode" and r["speculative"] == s] for s in (False, True)]):
-        keys = ("bank", "slots", "misses", "accesses")  # speculation does not change the policy's decisions
+        keys = ("bank", "transfer", "slots", "misses", "accesses")  # speculation does not change policy decisions
         assert [a[k] for k in keys] == [b[k] for k in keys]
     replay = {(r["slots"], r["policy"]): r["hit_rate"] for r in rows if r["kind"] == "replay"}
     assert {p for _, p in replay} == {"lru", "lfru", "lfru-fork", "lfu", "static", "belady"}
@@ -89,14 +103,53 @@ def test_tiny_bench_full_model(tmp_path):
     assert {r.phase for r in recs} == {"prefill", "decode"}
 
 
-def test_speculative_config():
-    """Default keeps the per-layer path; the H200 config sweeps both; the full model refuses speculation."""
+def test_speculative_config(tmp_path):
+    """Default keeps the per-layer path and the stacked-jit transfer; the H200 configs sweep both speculative modes,
+    the spec config both transfers; an empty speculative list and unknown transfers are refused."""
     from experiments.bench_offload import BenchConfig, main
 
     assert BenchConfig().speculative == (False,) and BenchConfig.tiny().speculative == (False,)
+    assert BenchConfig().transfer == ("stacked-jit",) and BenchConfig.tiny().transfer == ("stacked-jit",)
     assert BenchConfig.load(str(REPO / "configs" / "offload_h200.toml")).speculative == (False, True)
+    assert BenchConfig.load(str(REPO / "configs" / "offload_h200_spec.toml")).transfer == TRANSFERS
+    assert BenchConfig.load(str(REPO / "configs" / "offload_h200_full_spec.toml")).speculative == (False, True)
+    (tmp_path / "s.toml").write_text('layers = 2\nspeculative = []\n')
     with pytest.raises(ValueError, match="speculative"):
-        main(["--tiny", "--model", "full", "--speculative", "true", "--out", "/nonexistent/x.jsonl"])
+        main(["--config", str(tmp_path / "s.toml"), "--out", "/nonexistent/x.jsonl"])
+    (tmp_path / "c.toml").write_text('layers = 2\ntransfer = ["rows", "gather"]\n')
+    with pytest.raises(ValueError, match="transfer"):
+        main(["--config", str(tmp_path / "c.toml"), "--out", "/nonexistent/x.jsonl"])
+
+
+def test_failed_transfer_probe_is_recorded_and_skipped(monkeypatch):
+    """A stacked-jit probe that raises (e.g. the in-jit host gather does not compile on some backend) gives a probe
+    row with ok=false and the error, skips that transfer's rows and is reported in ``failed`` (main exits 1); a
+    failing rows probe raises."""
+    import dataclasses
+
+    import jax
+    from experiments import bench_offload as B
+
+    real = B.transfer_probe
+
+    def probe(h, cfg, precision):
+        if h.transfer == "stacked-jit":
+            raise RuntimeError("cannot compile")
+        return real(h, cfg, precision)
+
+    monkeypatch.setattr(B, "transfer_probe", probe)
+    monkeypatch.setattr(B, "bench_transfer", lambda h, *a: [{"kind": "decode", "transfer": h.transfer}])
+    monkeypatch.setattr(B, "time_run", lambda *a, **kw: (1.0, []))  # resident rows: not under test here
+    cfg = dataclasses.replace(B.BenchConfig.tiny(), transfer=TRANSFERS, tokens=2, warmup=1)
+    failed = []
+    rows = [r for batch in B.bench_precision(cfg, "bf16", jax.random.PRNGKey(0), {}, None, failed) for r in batch]
+    got = [(r["kind"], r["transfer"], r.get("ok")) for r in rows if r["kind"] != "resident"]
+    assert got == [("transfer_probe", "rows", True), ("decode", "rows", None),
+                   ("transfer_probe", "stacked-jit", False)]
+    assert "cannot compile" in rows[-1]["error"] and failed == ["bf16/stacked-jit"]
+    monkeypatch.setattr(B, "transfer_probe", lambda *a: (_ for _ in ()).throw(RuntimeError("rows broke")))
+    with pytest.raises(RuntimeError, match="rows broke"):
+        list(B.bench_precision(cfg, "bf16", jax.random.PRNGKey(0), {}, None, []))
 
 
 def test_check_miss_free():
@@ -110,3 +163,16 @@ def test_check_miss_free():
                       (clean, SpecStats(rollbacks=1, resumed_layers=2)), (clean, SpecStats(discarded=1))):
         with pytest.raises(RuntimeError, match="not miss-free"):
             check_miss_free("row", stats, sp)
+
+
+def test_failed_preflight_skips_stacked_jit(monkeypatch, tmp_path):
+    """The stacked-jit preflight runs in a subprocess before JAX takes the device; a failure is recorded as a probe
+    row (ok=false, preflight, the error), stacked-jit is dropped from the run, and main exits 1."""
+    from experiments import bench_offload as B
+
+    monkeypatch.setattr(B, "run_preflight_stacked", lambda: "exit status -6\nF0000 host_offloader CHECK failed")
+    out = tmp_path / "o.jsonl"
+    assert B.main(["--tiny", "--transfer", "stacked-jit", "--out", str(out)]) == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["ok"] is False and rows[0]["preflight"] is True
+    assert "CHECK failed" in rows[0]["error"] and rows[0]["config"]["transfer"] == ["stacked-jit"]

@@ -2,16 +2,18 @@
 recorded traces replay to exactly the live cache's miss counts; the router matches a numpy oracle."""
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from hlwq_jax.offload import trace as T
 from moe_layers import D, E, K, L, build
+from hlwq_jax.offload.bank import TRANSFERS
 from hlwq_jax.offload.moe_stack import (OffloadConfig, OffloadedMoE, eager_resident_step, moe_only_decode_step,
                                         resident_decode_step, sigmoid_topk_route)
 
 
 
-def model(seed=0):
-    return build(seed)
+def model(seed=0, transfer="rows"):
+    return build(seed, transfer)
 
 
 def test_router_matches_numpy(rng):
@@ -30,8 +32,9 @@ def eager_resident(full, routers, x):
     return eager_resident_step(full, routers, x, K)
 
 
-def test_decode_exact_prefetch_and_trace_replay(rng, tmp_path):
-    banks, routers, full = model()
+@pytest.mark.parametrize("transfer", TRANSFERS)
+def test_decode_exact_prefetch_and_trace_replay(rng, tmp_path, transfer):
+    banks, routers, full = model(transfer=transfer)
     xs = [jnp.asarray(rng.standard_normal((1, D)), jnp.float32) for _ in range(8)]
     want = [eager_resident(full, routers, x) for x in xs]
     rec = T.TraceRecorder()

@@ -98,3 +98,45 @@ def test_resident_mode_traces_a_plain_run(model, tmp_path):
     assert len(dec) == 3 and all(r.accesses == 3 * K for r in dec)
     with pytest.raises(ValueError, match="recorder"):
         trace_generation(OffloadedNemotronH(cfg, params, None), prompt, 1, "q")
+
+
+def run_untraced(cfg, params, slots, prompt, steps, **ocfg):
+    """``run`` without trace recording (speculative mode records no traces)."""
+    off = OffloadedNemotronH(cfg, params, OffloadConfig(slots=slots, **ocfg))
+    cache = nh.init_cache(cfg, 1, prompt.shape[1] + steps, jnp.float32)
+    logits, cache = off.forward(prompt, cache)
+    outs = [logits]
+    for _ in range(steps):
+        tok = jnp.argmax(outs[-1][:, -1], -1)[:, None].astype(jnp.int32)
+        logits, cache = off.forward(tok, cache)
+        outs.append(logits)
+    return outs, off
+
+
+@pytest.mark.parametrize("slots", [K, E])
+def test_speculative_forward_exact(model, slots):
+    """One speculative pass per forward: logits equal the per-layer path bit for bit, with misses (C = K: rollbacks to
+    the per-layer path) and without (C = E after the first token: accepted passes); every policy sees the per-layer
+    path's access sequence (same per-layer hits / misses / groups)."""
+    cfg, params = model
+    prompt = jax.random.randint(jax.random.PRNGKey(2), (1, 5), 0, cfg.vocab_size).astype(jnp.int32)
+    ref, off_ref = run_untraced(cfg, params, slots, prompt, 6)
+    outs, off = run_untraced(cfg, params, slots, prompt, 6, speculative=True)
+    for i, (a, b) in enumerate(zip(outs, ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"forward {i}, slots={slots}")
+    got = [(s.hits, s.misses, s.groups, s.steps) for s in off.moe.stats()]
+    want = [(s.hits, s.misses, s.groups, s.steps) for s in off_ref.moe.stats()]
+    assert got == want
+    sp = off.moe.spec
+    assert sp.tokens == 7 and sp.accepts + sp.rollbacks == 7
+    assert sp.rollbacks >= 1  # the prefill misses (cold caches)
+    if slots == E:  # nothing is ever evicted: once every routed expert has been seen, passes are accepted
+        assert sp.accepts >= 3
+    assert sp.host_reads == 7 + 3 * sp.rollbacks  # one per pass, plus the per-layer path's 3 MoE layers per rollback
+
+
+def test_speculative_forward_rejects_tracing(model):
+    cfg, params = model
+    off = OffloadedNemotronH(cfg, params, OffloadConfig(slots=E, speculative=True))
+    with pytest.raises(ValueError, match="traces"):
+        off.forward(jnp.zeros((1, 2), jnp.int32), None, trace=("p", "prefill"))

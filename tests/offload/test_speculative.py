@@ -13,17 +13,18 @@ from hypothesis import given, settings, strategies as st
 from hlwq_jax.offload import moe_stack as M
 from hlwq_jax.offload import trace as T
 from moe_layers import D, E, F, K, L, build
+from hlwq_jax.offload.bank import TRANSFERS
 from hlwq_jax.offload.moe_stack import (OffloadConfig, OffloadedMoE, eager_resident_step, moe_only_decode,
                                         moe_only_decode_step, token_input)
 
 _MODEL = {}
 
 
-def model():
-    """The shared 3-layer test model, built once per session."""
-    if not _MODEL:
-        _MODEL["m"] = build(7)
-    return _MODEL["m"]
+def model(transfer="rows"):
+    """The shared 3-layer test model, built once per session and transfer path (same weights for every path)."""
+    if transfer not in _MODEL:
+        _MODEL[transfer] = build(7, transfer)
+    return _MODEL[transfer]
 
 
 def restrict(routers, n, layers=range(L)):
@@ -54,9 +55,9 @@ def reference(routers, embeds):
     return outs
 
 
-def per_layer(routers, embeds, slots, policy, *, prefetch=False, recorder=None):
+def per_layer(routers, embeds, slots, policy, *, prefetch=False, recorder=None, transfer="rows"):
     """The per-layer path token by token (chained); also each token's first layer with a miss (None: all hit)."""
-    banks, _, _ = model()
+    banks, _, _ = model(transfer)
     moe = OffloadedMoE(banks, OffloadConfig(slots=slots, policy=policy, prefetch=prefetch), recorder=recorder)
     outs, first_miss, prev = [], [], None
     for t, e in enumerate(embeds):
@@ -109,10 +110,11 @@ class Spy:
             assert smap == smap0 and buf is buf0, "a settled speculative call's slot map / buffers changed in flight"
 
 
-def speculative(routers, embeds, slots, policy, *, prefetch=False, recorder=None, monkeypatch=None, calls=(None,)):
+def speculative(routers, embeds, slots, policy, *, prefetch=False, recorder=None, monkeypatch=None, calls=(None,),
+                transfer="rows"):
     """The pipelined speculative path over the embeddings, split over decode calls of the given sizes (None: the
     rest; the output carried from call to call)."""
-    banks, _, _ = model()
+    banks, _, _ = model(transfer)
     moe = OffloadedMoE(banks, OffloadConfig(slots=slots, policy=policy, prefetch=prefetch, speculative=True),
                        recorder=recorder)
     spy = Spy(monkeypatch, moe) if monkeypatch is not None else None
@@ -216,10 +218,12 @@ def test_every_cache_size_accepts_and_rollbacks():
     assert seen == {"accept", "rollback", "overflow"}
 
 
-def test_rollback_at_middle_layer_trace_and_prefetch():
+@pytest.mark.parametrize("transfer", TRANSFERS)
+def test_rollback_at_middle_layer_trace_and_prefetch(transfer):
     """Layer 0 confined to the warm experts, later layers free: rollbacks happen at layer ≥ 1 (layers before it
     accepted). Output exact, trace lines identical to the per-layer path's; with prefetch (used on the resumed layers
-    after the first: the speculative pass predicts nothing) the policy decisions stay identical."""
+    after the first: the speculative pass predicts nothing) the policy decisions stay identical. Both transfer paths
+    (the repairs install through the bank's path)."""
     _, routers, _ = model()
     routers = restrict(routers, 3, layers=(0,))
     xs = inputs(2, 6)
@@ -227,8 +231,8 @@ def test_rollback_at_middle_layer_trace_and_prefetch():
     want = reference(routers, xs)
     for prefetch in (False, True):
         rb, rs = T.TraceRecorder(), T.TraceRecorder()
-        _, first_miss, moe_b = per_layer(routers, xs, 3, "lru", prefetch=prefetch, recorder=rb)
-        spec, moe_s, _ = speculative(routers, xs, 3, "lru", prefetch=prefetch, recorder=rs)
+        _, first_miss, moe_b = per_layer(routers, xs, 3, "lru", prefetch=prefetch, recorder=rb, transfer=transfer)
+        spec, moe_s, _ = speculative(routers, xs, 3, "lru", prefetch=prefetch, recorder=rs, transfer=transfer)
         for s, w in zip(spec, want):
             np.testing.assert_array_equal(s, w)
         assert policy_state(moe_s, not prefetch) == policy_state(moe_b, not prefetch)
@@ -282,16 +286,8 @@ def test_apply_pending_refuses_a_step_that_moves_an_expert():
         moe.apply_pending()
 
 
-def test_speculative_rejected_where_not_implemented():
-    from hlwq_jax.models import nemotron_h as nh
-    from hlwq_jax.offload.nemotron import OffloadedNemotronH
-
+def test_stand_in_rejects_bad_arguments():
     banks, routers, _ = model()
-    cfg = nh.NemotronHConfig.from_hf(nh.NANO_30B_HF, vocab_size=16, hidden_size=D, layer_types="E",
-                                     n_routed_experts=E, num_experts_per_tok=K, moe_intermediate_size=F,
-                                     moe_shared_expert_intermediate_size=F)
-    with pytest.raises(ValueError, match="speculative"):
-        OffloadedNemotronH(cfg, {"layers": [{}]}, OffloadConfig(slots=4, speculative=True), banks=banks[:1])
     moe = OffloadedMoE(banks, OffloadConfig(slots=4, speculative=True))
     with pytest.raises(ValueError, match="routers"):
         moe_only_decode(moe, routers[:2], inputs(0, 2), K)
@@ -334,11 +330,12 @@ def test_speculative_call_outputs_only_out_and_codes():
     assert 0 not in first and first, first  # layer 0 always hits; some pass missed at a later layer
 
 
-def test_preload_makes_restricted_decode_miss_free():
+@pytest.mark.parametrize("transfer", TRANSFERS)
+def test_preload_makes_restricted_decode_miss_free(transfer):
     """``preload`` installs the routable experts of every layer through the normal access step (policy and counters
     as after ``ensure``), after which routing confined to them never misses: per-layer and speculative decode both
-    exact, no rollback, no discarded call."""
-    banks, routers, _ = model()
+    exact, no rollback, no discarded call. Both transfer paths."""
+    banks, routers, _ = model(transfer)
     routers = restrict(routers, 4)
     xs = inputs(4, 5)
     want = reference(routers, xs)

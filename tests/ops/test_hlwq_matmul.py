@@ -100,7 +100,7 @@ class TestPallasInterpret(HLWQMatmulSuite):
         (3, PallasConfig(fma_max_m=2, block_m_dot=16, block_n_dot=64), "dot"),
         (40, PallasConfig(block_m_dot=16), "dot"),  # 3 token tiles, last one partial
         (40, PallasConfig(dequant_min_m=32), "dequant"),
-        (2, PallasConfig(min_programs=1, block_n_fma=64), "fma"),  # one chunk group: no partial sums
+        (2, PallasConfig(fma_max_m=2, min_programs=1, block_n_fma=64), "fma"),  # one chunk group: no partial sums
         (20, PallasConfig(min_programs=1, block_m_dot=16, unroll=1), "dot"),
     ])
     def test_paths(self, m, config, path):

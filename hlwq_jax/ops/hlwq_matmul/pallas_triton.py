@@ -34,7 +34,9 @@ from hlwq_jax.ops.hlwq_matmul.rotate import rotate_activations
 
 @dataclasses.dataclass(frozen=True)
 class PallasConfig:
-    fma_max_m: int = 4
+    # GEMV path up to this M: it took 687 µs at M = 4 on in_proj, the dot path 77–86 µs at M = 16 and 64
+    # (results/bench_hlwq_matmul_rest.md; M = 2–8 on the dot path is not timed)
+    fma_max_m: int = 1
     dequant_min_m: int = 1024
     block_n_fma: int = 64  # output rows per program (divides 128); 64 beat 128 on the H200 (results/)
     warps_fma: int = 4
