@@ -17,20 +17,20 @@ Two models (``model`` in the config):
   device (``offload=None``; the bit-exact reference); with ``full_one_jit`` also ``models.nemotron_h.forward`` as one
   jit (primary then; compiling the 52-layer model twice per bank precision takes minutes).
 ``speculative`` (sweepable, default [false]): the cached loop runs all MoE layers of a token in one jitted call and
-reads routing once per token. moe_only: rolling back at the first layer that missed, pipelined by one token (the
-next token's call is dispatched before this token's routing is read; ``offload.moe_stack``); full: the whole forward
-in one call, a token that missed anywhere rerun on the per-layer path, not pipelined (``offload.nemotron``); rows
-carry ``speculative``,
-``host_reads_per_token``, ``spec_accepts`` / ``spec_rollbacks`` / ``spec_discarded`` (in-flight next-token calls
-thrown away after a rollback). The ``nomiss`` row is the one the 10%-of-all-resident target is about
+reads routing once per token. moe_only: rolling back at the first layer that missed, pipelined by one token (the next
+token's call is dispatched before this token's routing is read; ``offload.moe_stack``); full: the whole forward in
+one call, a token that missed anywhere rerun on the per-layer path, not pipelined (``offload.nemotron``); rows carry
+``speculative``, ``host_reads_per_token``, ``spec_accepts`` / ``spec_rollbacks`` / ``spec_discarded`` (in-flight
+next-token calls thrown away after a rollback). The ``nomiss`` row is the one the 10%-of-all-resident target is about
 (``resident_over_cached`` ≥ 0.9): routing restricted to C experts per layer, all of them preloaded into every layer
 before the warm-up (``OffloadedMoE.preload``, the caches' install path), and the run raises unless its timed window
 had zero misses, rollbacks and discarded calls (``check_miss_free``), for the per-layer and the speculative loop
-alike. Its moe_only speculative row also carries ``spec_pass_ms``, the same passes chained with no host read or policy work
-(the loop's device-side floor: the gap to ``ms_per_token`` is host time not hidden, the gap to the resident one-jit
-is the pass's own device cost). With random routing nearly every token misses somewhere and speculation costs wasted
-passes. Resident rows carry ``variants_exact``: whether each all-resident variant equals the reference bit for bit
-(the one-jit fuses across layers; where it does not match, fusion changed rounding on that device).
+alike. Its moe_only speculative row also carries ``spec_pass_ms``, the same passes chained with no host read or
+policy work (the loop's device-side floor: the gap to ``ms_per_token`` is host time not hidden, the gap to the
+resident one-jit is the pass's own device cost). With random routing nearly every token misses somewhere and
+speculation costs wasted passes. Resident rows carry ``variants_exact``: whether each all-resident variant equals the
+reference bit for bit (the one-jit fuses across layers; where it does not match, fusion changed rounding on that
+device).
 ``transfer`` (sweepable, default ["stacked-jit"]; ``--transfer rows|stacked-jit|both``): the banks' host→device path
 (``offload.bank``): "rows" = one ``device_put`` of per-expert host rows + one jitted install per layer with misses;
 "stacked-jit" = each layer's bank as ONE pinned-host [E, expert_nbytes] array, misses copied and installed by ONE
@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import gc
 import json
 import os
@@ -107,7 +108,7 @@ class BenchConfig:
     policies: tuple[str, ...] = ("lru",)
     prefetch: tuple[bool, ...] = (False,)
     speculative: tuple[bool, ...] = (False,)  # one speculative call + one host read per token
-    transfer: tuple[str, ...] = ("stacked-jit",)  # host->device path of the banks: "rows" | "stacked-jit" (bank.TRANSFERS)
+    transfer: tuple[str, ...] = ("stacked-jit",)  # host->device path of the banks (bank.TRANSFERS)
     prompt: int = 8  # full: prefill length before decoding
     tokens: int = 32
     warmup: int = 16
@@ -517,7 +518,8 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, transfer=tuple(t for t in cfg.transfer if t != "stacked-jit"))
         print(f"TRANSFER stacked-jit FAILED its preflight, skipped:\n{preflight_error[-3000:]}", flush=True)
     meta = {"config": dataclasses.asdict(requested), "git_sha": git_sha(), "jax": jax.__version__,
-            "device": str(jax.devices()[0].device_kind), "model": cfg.model}
+            "device": str(jax.devices()[0].device_kind), "model": cfg.model, "command": " ".join(sys.argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     print(f"bench_offload on {meta['device']}: {cfg}\nnote: {CAVEAT}", flush=True)
     key = jax.random.PRNGKey(cfg.seed)
     recorder = T.TraceRecorder() if (a.trace or cfg.replay_policies) else None

@@ -233,8 +233,9 @@ NO_AUTOTUNE = {"xla_gpu_autotune_level": 0}
                    compiler_options=NO_AUTOTUNE)
 def _quantize_program(x, *, bits, block_size, codebook, rotation, seed):
     """``quantize`` of one chunk x [rows, ...] plus its checks, as ONE device output so that one device→host copy
-    per chunk suffices (each ``copy_to_host_async`` costs ≈ 0.75 ms of host time on the H200: 4 outputs per chunk
-    were a third of the converter's dispatch phase, results/bench_convert_h200.jsonl) → uint8 [rows, P + 2·N + 2]:
+    per chunk suffices (every copy has a fixed host cost; four per chunk, each into a freshly pinned buffer, were a
+    third of the converter's dispatch phase on the H200: results/convert_profile_h200.txt)
+    → uint8 [rows, P + 2·N + 2]:
     per row its packed codes (P bytes), the bytes of its N float16 norms, and two check bytes (the row of x has no
     NaN/Inf; the row's norms fit float16) — per-row checks let an error name the tensor of the failing piece.
     ``split_output`` takes it apart on the host."""
@@ -364,8 +365,8 @@ def _finalize(w: StreamWriter, c: _Chunk, opts: ConvertOptions, bar, counters: d
                     w.write(keys["signs"], hfmt.signs_array(e.meta))
     else:
         if meta.get("source", "hlwq") == "hlwq":
-            q = HLWQArray(packed=jnp.asarray(packed), norms=jnp.asarray(norms), codebook=jnp.asarray(cb), bits=meta["bits"],
-                          block_size=meta["block_size"], shape=(c.plan.rows, *meta["shape"][1:]),
+            q = HLWQArray(packed=jnp.asarray(packed), norms=jnp.asarray(norms), codebook=jnp.asarray(cb),
+                          bits=meta["bits"], block_size=meta["block_size"], shape=(c.plan.rows, *meta["shape"][1:]),
                           rotation=meta["rotation"], seed=meta["seed"], codebook_name=meta["codebook"])
         else:
             q = c.out[0].astype(jnp.float32)

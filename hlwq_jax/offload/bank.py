@@ -15,17 +15,17 @@ Transfer paths (``transfer``, an explicit option of ``HostBank``; ``TRANSFERS``)
 - ``"rows"``: one host array per expert; a miss set is ONE ``device_put`` of the list of rows, then one
   jitted install (two dispatches per layer with misses). H200: 0.480 ms per bf16 miss (raw PCIe 0.37 ms), 0.277 ms
   per Q5 miss (raw 0.127 ms) — ~0.11-0.15 ms per missed expert of overhead that is not bandwidth.
-- ``"stacked-jit"`` (``HostBank``'s default): the layer's bank is ONE host array uint8 [E, expert_nbytes] (``stacked``); a miss set is fetched
-  and installed by ONE jitted, donated XLA program (``expert_cache._gather_install``): per miss a ``dynamic_slice`` of
-  the host array at a runtime expert id, moved to device memory inside jit (``gather_host_rows``: XLA's host-offload
-  pass ends a host path at "dynamic-slice of a host parameter feeding a move-to-device", so each row is one
-  host→device copy; whether XLA GPU does it as a DMA or a kernel reading over PCIe is not verified on CPU), split into
-  fields and scattered into the slots. Miss lists are padded to ``transfer_length`` entries (exact up to
-  ``EXACT_LENGTHS``, then powers of two ≤ C) so few programs compile; padded entries target slot C (out of range:
-  dropped by the scatter) but still copy a row. H200 (results/offload_h200_spec.jsonl, same run shape as "rows"
-  above): 0.421 ms per bf16 miss (1.14× raw), 0.091 ms per Q5 miss (the per-layer loop's host latency hides part of
-  the copy: below raw); XLA GPU compiles the in-jit host slices. On the CPU backend every memory kind is plain RAM:
-  tests there check results, not speed.
+- ``"stacked-jit"`` (``HostBank``'s default): the layer's bank is ONE host array uint8 [E, expert_nbytes]
+  (``stacked``); a miss set is fetched and installed by ONE jitted, donated XLA program
+  (``expert_cache._gather_install``): per miss a ``dynamic_slice`` of the host array at a runtime expert id, moved
+  to device memory inside jit (``gather_host_rows``: XLA's host-offload pass ends a host path at "dynamic-slice of a
+  host parameter feeding a move-to-device", so each row is one host→device copy; whether XLA GPU does it as a DMA or
+  a kernel reading over PCIe is not verified on CPU), split into fields and scattered into the slots. Miss lists are
+  padded to ``transfer_length`` entries (exact up to ``EXACT_LENGTHS``, then powers of two ≤ C) so few programs
+  compile; padded entries target slot C (out of range: dropped by the scatter) but still copy a row. H200
+  (results/offload_h200_spec.jsonl, same run shape as "rows" above): 0.421 ms per bf16 miss (1.14× raw), 0.091 ms
+  per Q5 miss (the per-layer loop's host latency hides part of the copy: below raw); XLA GPU compiles the in-jit
+  host slices. On the CPU backend every memory kind is plain RAM: tests there check results, not speed.
   ``DiskBank`` supports only ``"rows"`` (a memory map is not a pinned-host array).
 """
 from __future__ import annotations
