@@ -154,6 +154,12 @@ class OffloadedMoE:
                 raise RuntimeError(f"speculative decode: accepted layer {l} step {experts} changed the slot map "
                                    "(a policy evicted on an all-hit step)")
 
+    def queue_hits(self, l: int, ids: np.ndarray) -> None:
+        """Queue layer ``l``'s access step of an accepted speculative pass (every routed id in ``ids`` resident: one
+        group, all hits, the union in first-seen order — what the per-layer path would do); ``apply_pending`` gives
+        it to the policy."""
+        self._pending.append((l, list(dict.fromkeys(np.asarray(ids).reshape(-1).tolist()))))
+
     def preload(self, experts: Sequence[int]) -> None:
         """Make ``experts`` (distinct, ≤ slots) resident in every layer: one access step per layer through the normal
         install path, so policy state and counters stay consistent (a benchmark's miss-free warm start)."""
@@ -290,8 +296,14 @@ def speculative_stack(x, routers, smaps, slot_weights, *, k, with_weights=False)
         ids_l.append(ids.reshape(-1))
         ws.append(w)
     ids = jnp.stack(ids_l).astype(jnp.int32)  # [L, T·k]
-    out = (residual_add(x, y), jnp.where(jnp.take_along_axis(smaps, ids, axis=1) >= 0, ids, ~ids))
+    out = (residual_add(x, y), encode_codes(smaps, ids))
     return (*out, jnp.stack(ws)) if with_weights else out
+
+
+def encode_codes(smaps: jax.Array, ids: jax.Array) -> jax.Array:
+    """Device side of a speculative pass's codes: routed ids int32 [L, N] → the id where layer l's slot map
+    ``smaps`` [L, E] has the expert, ``~id`` (< 0) where it is absent."""
+    return jnp.where(jnp.take_along_axis(smaps, ids, axis=1) >= 0, ids, ~ids)
 
 
 def decode_codes(codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -347,7 +359,7 @@ def _settle(moe, routers, spec, k, trace):
     missed = np.flatnonzero(~hit)
     stop = int(missed[0]) if missed.size else n_layers
     for l in range(stop):  # accepted layers: every routed expert resident -> one group, all hits
-        moe._pending.append((l, list(dict.fromkeys(ids_h[l].reshape(-1).tolist()))))
+        moe.queue_hits(l, ids_h[l])
         if want_w:
             moe.recorder.record(trace[0], trace[1], trace[2], l, ids_h[l], ws_h[l])
     moe.spec.tokens += 1

@@ -42,7 +42,7 @@ from hlwq_jax.nn.moe import route
 from hlwq_jax.nn.norms import rms_norm
 from hlwq_jax.offload.bank import HostBank, _Bank
 from hlwq_jax.offload.expert_cache import routed_experts
-from hlwq_jax.offload.moe_stack import OffloadConfig, OffloadedMoE, decode_codes
+from hlwq_jax.offload.moe_stack import OffloadConfig, OffloadedMoE, decode_codes, encode_codes
 from hlwq_jax.offload.trace import TraceRecorder
 
 
@@ -107,8 +107,7 @@ def _speculative_pass(config, layout: tuple, seg_params: tuple, seg_states: tupl
         pending = (barrier(routed_experts(h, slots[j][ids], w, slot_weights[j])), shared)
         ids_l.append(ids.reshape(-1))
     ids = jnp.stack(ids_l).astype(jnp.int32)
-    codes = jnp.where(jnp.take_along_axis(smaps, ids, axis=1) >= 0, ids, ~ids)
-    return logits, tuple(new_states), codes
+    return logits, tuple(new_states), encode_codes(smaps, ids)
 
 
 class OffloadedNemotronH:
@@ -182,7 +181,7 @@ class OffloadedNemotronH:
             return self._forward_layers(tokens, cache, None)
         moe.spec.accepts += 1
         for l in range(n_moe):  # every routed expert resident: one access step per layer, all hits
-            moe._pending.append((l, list(dict.fromkeys(ids_h[l].reshape(-1).tolist()))))
+            moe.queue_hits(l, ids_h[l])
         moe.end_step()
         for (_, idx, _, _), st in zip(self.segments, seg_states):
             for i, s in zip(idx, st):
