@@ -4,6 +4,10 @@ Command (H200, jax 0.11.2 + CUDA; ≈ 7 s per variant, mostly compilation, so th
     PYTHONPATH=. timeout 590 python3 experiments/bench_hlwq_matmul.py --suite full --budget-s 500 \
         --out $OUT/bench_hlwq_matmul.jsonl
     python experiments/bench_hlwq_matmul.py --suite full --tiny --no-checks --out /tmp/b.jsonl   # CPU plumbing check
+impl="xla" only (bf16 re-timed beside every shape and M; ≈ 80 variants, expected ≈ 200 s on the H200, the tail
+cut by --budget-s; CPU plumbing check with --tiny: ≈ 20 s):
+    PYTHONPATH=. timeout 300 python3 experiments/bench_hlwq_matmul.py --suite xla --budget-s 200 --no-checks \
+        --out $OUT/bench_hlwq_matmul_xla.jsonl
 Then render the committed table: python experiments/bench_hlwq_matmul.py --render results/bench_hlwq_matmul.jsonl
 
 Method (docs/gpu.md "How to measure"): one jitted step runs K calls, each on its own copy of the weight (K copies
@@ -22,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -30,8 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hlwq_jax.ops.hlwq_matmul import PallasConfig, hlwq_matmul, plan, repack, rotate_activations
+from hlwq_jax.ops.hlwq_matmul import PallasConfig, XlaConfig, hlwq_matmul, plan, repack, rotate_activations
 from hlwq_jax.ops.hlwq_matmul.layout import HLWQPlanes
+from hlwq_jax.ops.hlwq_matmul.xla import rotated_weight
 from hlwq_jax.ops.ragged_hlwq_matmul import RaggedPallasConfig, ragged_hlwq_matmul
 from hlwq_jax.quant.array import HLWQArray
 from hlwq_jax.quant.hlwq import quantize
@@ -91,6 +97,42 @@ def time_calls(fn, weights, xs, est_s: float) -> float:
     return float(np.median(samples))
 
 
+_NOT_KERNELS = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast", "opt-barrier", "call", "while",
+                "conditional")
+_OPCODE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = .*?\s([a-z][a-z0-9\-]*)\(")
+
+
+def hlo_kernel_count(text: str) -> int:
+    """Work-launching instructions (fusions, custom calls such as cuBLAS, copies, …) of a compiled HLO module, in the
+    ENTRY computation and in the computations it calls (GPU command buffers), not inside fusion bodies or reducers."""
+    comps, cur = {}, None
+    for line in text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            words = line.split()
+            cur = words[1] if words[0] == "ENTRY" else words[0]
+            comps[cur] = []
+        elif line.startswith("}"):
+            cur = None
+        elif cur is not None:
+            comps[cur].append(line)
+    bodies, ops = set(), []
+    for name, lines in comps.items():
+        for line in lines:
+            m = _OPCODE.match(line)
+            if not m:
+                continue
+            ops.append((name, m.group(1)))
+            bodies.update(re.findall(r"calls=(%[\w.\-]+)", line))
+            if m.group(1) != "call":
+                bodies.update(re.findall(r"to_apply=(%[\w.\-]+)", line))
+    return sum(op not in _NOT_KERNELS for name, op in ops if name not in bodies)
+
+
+def hlo_kernels(fn, w, x) -> int:
+    """How many kernels XLA compiles one call into (e.g. whether the butterfly stages of the FWHT fused)."""
+    return hlo_kernel_count(jax.jit(fn).lower(x, w).compile().as_text())
+
+
 def plan_copies(weight_bytes: int, est_s: float) -> int:
     """Distinct weight copies (= calls per step): ≥ 200 MB in all (4× the 50 MB L2), ≤ 16."""
     k = int(min(16, max(1, math.ceil(200e6 / max(weight_bytes, 1)))))
@@ -132,14 +174,16 @@ def make_variant(kind, shape, bits, key, config=None, rotated=False):
     if kind == "xla_deq":
         return (lambda x, w_: jnp.einsum("mi,oi->mo", x, w_.dequantize(jnp.bfloat16))), q
     if kind == "xla":
-        return (lambda x, w_: hlwq_matmul(x, w_, impl="xla")), q
+        return (lambda x, w_: hlwq_matmul(x, w_, impl="xla", config=config, rotated=rotated)), q
+    if kind == "dequant":  # rotated_weight alone (the M > reduce_max_m path's weight stage); x is ignored
+        return (lambda x, w_: rotated_weight(w_, jnp.bfloat16)), q
+    if kind == "rotate":
+        return (lambda x, w_: rotate_activations(x, w_)), q
     p = weight(shape, ("p", bits), lambda: jax.jit(repack)(q))
     if kind == "pallas":
         if rotated:  # activations pre-rotated (shared rotation): time the kernel alone
             return (lambda x, w_: hlwq_matmul(x, w_, impl="pallas", config=config, rotated=True, interpret=INTERPRET)), p
         return (lambda x, w_: hlwq_matmul(x, w_, impl="pallas", config=config, interpret=INTERPRET)), p
-    if kind == "rotate":
-        return (lambda x, w_: rotate_activations(x, w_)), p
     if kind == "xla_planes":
         return (lambda x, w_: hlwq_matmul(x, w_, impl="xla")), p
     raise ValueError(kind)
@@ -173,7 +217,8 @@ def guarded(fn):
 
 
 @guarded
-def run_dense(record, shape_name, m, kind, bits=None, config=None, rotated=False, label=None, seed=0):
+def run_dense(record, shape_name, m, kind, bits=None, config=None, rotated=False, label=None, seed=0,
+              count_kernels=False):
     if already_done("dense", shape_name, m, kind, label):
         return
     n_in, out = SHAPES[shape_name]
@@ -182,18 +227,25 @@ def run_dense(record, shape_name, m, kind, bits=None, config=None, rotated=False
     wb = _nbytes(w)
     xbytes, ybytes = m * n_in * 2, m * out * 2
     flops = 2.0 * m * n_in * out
+    n_pad = (w.padded_in if isinstance(w, (HLWQArray, HLWQPlanes)) else n_in)
+    if kind == "rotate":  # bytes: x read, float32 x̃ written (no weight)
+        wb, xbytes, ybytes, flops = 0, m * n_in * 2, m * n_pad * 4, 0.0
+    elif kind == "dequant":  # bytes: codes + norms read, the bf16 rotated weight written (no activations)
+        xbytes, ybytes, flops = 0, out * n_pad * 2, 0.0
     est = floor_s(wb + xbytes + ybytes, flops)
     k = r = plan_copies(wb, est)
     ws = _copies((n_in, out), w, k)
-    n_pad = (w.padded_in if isinstance(w, (HLWQArray, HLWQPlanes)) else n_in)
     xdim = n_pad if rotated else n_in
-    xdtype = jnp.float32 if rotated else jnp.bfloat16
+    # pre-rotated x̃: float32 for the Pallas kernels; bf16 for impl="xla", whose dot runs in x's dtype (a shared
+    # rotation cast once to bf16 keeps the tensor-core matmul of the M > reduce_max_m path)
+    xdtype = jnp.float32 if rotated and kind == "pallas" else jnp.bfloat16
     xs = tuple(jax.random.normal(jax.random.PRNGKey(1000 + i), (m, xdim), xdtype) for i in range(r))
+    extra = dict(hlo_kernels=hlo_kernels(fn, ws[0], xs[0])) if count_kernels else {}
     t = time_calls(fn, ws, xs, est)
     record(dict(op="dense", shape=shape_name, m=m, kind=kind, bits=bits, label=label or kind,
                 config=dataclasses.asdict(config) if config else None, rotated=rotated, time_us=t * 1e6,
                 weight_bytes=wb, gbps=(wb + xbytes + ybytes) / t / 1e9, tflops=flops / t / 1e12,
-                floor_us=est * 1e6, copies=k, calls=r))
+                floor_us=est * 1e6, copies=k, calls=r, **extra))
     del ws, xs
 
 
@@ -325,9 +377,73 @@ def suite_full(record):
         run_dense(record, "lm_head", m, "pallas", 5, d, label="pallas Q5")
 
 
+def suite_xla(record):
+    """impl="xla" (plain XLA, no Pallas) on the Nemotron shapes, bf16 re-timed beside every (shape, M); most
+    important rows first so a --budget-s deadline cuts the tail. ≈ 60 variants, ≈ 2–3 s each (compilation)."""
+    x5 = XlaConfig()
+    run_dense(record, "in_proj", 1, "bf16", label="bf16 warm-up")  # the first timed row of a run reads slow
+    for m in (4096, 1024):  # prefill: target ≤ 1.25× bf16
+        for shp in ("in_proj", "lm_head", "out_proj", "q_proj", "expert_up", "expert_down"):
+            run_dense(record, shp, m, "bf16")
+            run_dense(record, shp, m, "xla", 5, x5, label="xla Q5")
+            if shp in ("in_proj", "lm_head"):
+                run_dense(record, shp, m, "dequant", 5, x5, label="dequant only", count_kernels=True)
+                run_dense(record, shp, m, "xla", 5, x5, rotated=True, label="xla Q5 pre-rotated")
+                run_dense(record, shp, m, "xla", 4, x5, label="xla Q4")
+    for shp in ("in_proj", "lm_head"):  # decode
+        run_dense(record, shp, 1, "bf16")
+        run_dense(record, shp, 1, "xla", 5, x5, label="xla Q5")
+        run_dense(record, shp, 1, "xla", 5, x5, rotated=True, label="xla Q5 pre-rotated")
+        run_dense(record, shp, 1, "xla", 4, x5, label="xla Q4")
+        run_dense(record, shp, 1, "rotate", 5, x5, label="rotation only", count_kernels=True)
+    for shp in ("in_proj", "lm_head"):  # M = 16: dequant + dot (default) against the fused reduce
+        run_dense(record, shp, 16, "bf16")
+        run_dense(record, shp, 16, "xla", 5, x5, label="xla Q5")
+        run_dense(record, shp, 16, "xla", 5, XlaConfig(reduce_max_m=16), label="xla Q5 reduce_max_m=16")
+    for m in (4, 64, 256):
+        for shp in ("in_proj", "lm_head"):
+            run_dense(record, shp, m, "bf16")
+            run_dense(record, shp, m, "xla", 5, x5, label="xla Q5")
+    for shp in ("out_proj", "q_proj", "expert_up", "expert_down"):
+        for m in (1, 16):
+            run_dense(record, shp, m, "bf16")
+            run_dense(record, shp, m, "xla", 5, x5, label="xla Q5")
+
+
 def suite_smoke(record):
     run_dense(record, "expert_up", 1, "bf16")
     run_dense(record, "expert_up", 1, "xla", 5)
+
+
+def bf16_baselines(rows) -> dict:
+    """(op, shape, M) → bf16 time µs of the same run (warm-up rows left out; a later row replaces an earlier one)."""
+    return {(r["op"], r["shape"], r["m"]): r["time_us"] for r in rows
+            if r.get("kind") in ("bf16", "bf16_dense") and "time_us" in r and "warm-up" not in r.get("label", "")}
+
+
+def render_xla(rows, head) -> str:
+    """--suite xla: one table grouped by shape and M; ratio = time / bf16 time of the same shape and M (the issue's
+    M ≥ 1024 target is ≤ 1.25×; its M = 1 targets are ≤ 0.40× for Q5 and ≤ 0.33× for Q4)."""
+    base = bf16_baselines(rows)
+    timed = [r for r in rows if "time_us" in r and r.get("op") == "dense" and "warm-up" not in r["label"]]
+    order = {name: i for i, name in enumerate(SHAPES)}
+    timed.sort(key=lambda r: (order.get(r["shape"], 99), r["m"]))  # stable: run order within a (shape, M)
+    lines = head + ["| shape | M | variant | time µs | GB/s | × bf16 time | kernels |",
+                    "|---|---|---|---|---|---|---|"]
+    for r in timed:
+        b = base.get((r["op"], r["shape"], r["m"]))
+        ratio = f"{r['time_us'] / b:.2f}×" if b and r["kind"] != "bf16" else "—"
+        lines.append(f"| {r['shape']} | {r['m']} | {r['label']} | {r['time_us']:.1f} | {r['gbps']:.0f} | {ratio} | "
+                     f"{r.get('hlo_kernels', '')} |")
+    lines.append("\nGB/s: bytes actually moved / time (matmul rows: weight + x + y; \"rotation only\": x read + "
+                 "float32 x̃ written; \"dequant only\": codes + norms read + bf16 rotated weight written, its M is the "
+                 "matmul it serves). kernels: launching instructions in XLA's compiled ENTRY computation for one call.")
+    skipped = sum(r.get("op") == "skipped" for r in rows)
+    errors = [r for r in rows if r.get("op") == "error"]
+    if skipped or errors:
+        lines.append(f"\nNot timed: {skipped} variants skipped at the time budget, {len(errors)} errors"
+                     + "".join(f"\n- {e['where']} {e['args'][:120]}: {e['error'][:200]}" for e in errors))
+    return "\n".join(lines) + "\n"
 
 
 def render(jsonl_path: str) -> str:
@@ -336,7 +452,9 @@ def render(jsonl_path: str) -> str:
     lines = [f"# HLWQ matmul benchmark\n", f"- command: `{meta.get('command', '?')}`",
              f"- date: {meta.get('date', '?')}  machine: {meta.get('device', '?')}  jax {meta.get('jax', '?')}"
              f"  git {meta.get('git', '?')}", ""]
-    base = {(r["op"], r["shape"], r["m"]): r["time_us"] for r in rows if r.get("kind") in ("bf16", "bf16_dense")}
+    if meta.get("suite") == "xla":
+        return render_xla(rows, lines)
+    base = bf16_baselines(rows)
     lines.append("| op | shape | M | variant | time µs | GB/s read | speedup vs bf16 | floor µs |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -355,7 +473,7 @@ def render(jsonl_path: str) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--suite", default="full", choices=("full", "smoke", "checks"))
+    ap.add_argument("--suite", default="full", choices=("full", "xla", "smoke", "checks"))
     ap.add_argument("--out", help="JSONL file to append to")
     ap.add_argument("--render", help="render a JSONL file as a markdown table and exit")
     ap.add_argument("--no-checks", action="store_true")
@@ -403,10 +521,10 @@ def main(argv=None):
                 device=str(jax.devices()[0].device_kind), jax=jax.__version__, host=platform.node(), suite=args.suite))
     t0 = time.time()
     DEADLINE[0] = t0 + args.budget_s
-    bad = [] if args.no_checks or args.suite == "smoke" else suite_checks(record, quick=args.suite != "checks")
+    bad = [] if args.no_checks or args.suite in ("smoke", "xla") else suite_checks(record, quick=args.suite != "checks")
     if bad:
         print("CHECK FAILURES:", bad, flush=True)
-    {"full": suite_full, "smoke": suite_smoke, "checks": lambda r: None}[args.suite](record)
+    {"full": suite_full, "xla": suite_xla, "smoke": suite_smoke, "checks": lambda r: None}[args.suite](record)
     print(f"\n== summary ({time.time() - t0:.0f} s) ==")
     print("\n".join(p for p in printed if "us" in p))
 

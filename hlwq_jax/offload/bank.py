@@ -178,6 +178,23 @@ def build_weights(specs: Sequence[FieldSpec], layout: dict, fields: Sequence, n:
     return out
 
 
+def _build_plan(specs: Sequence[FieldSpec], layout: dict) -> list[tuple]:
+    """Per leaf (``build_weights``' order): (name, field indices, None for a plain array or the HLWQArray's static
+    arguments {"shape": per-expert shape, "kw": codebook + metadata})."""
+    where: dict[str, dict[str, int]] = {}
+    for i, s in enumerate(specs):
+        where.setdefault(s.leaf, {})[s.attr] = i
+    plan = []
+    for name, f in where.items():
+        lay = layout[name]
+        if lay["kind"] == "array":
+            plan.append((name, (f[""],), None))
+        else:
+            kw = {"codebook": lay["codebook_device"], **{k: lay[k] for k in _HLWQ_META}}
+            plan.append((name, (f["packed"], f["norms"]), {"shape": tuple(lay["shape"]), "kw": kw}))
+    return plan
+
+
 class _Bank:
     """Common part: field layout, device placement, slot buffers, the ``"rows"`` transfer (subclasses provide
     ``_host_row(e)``). ``transfer`` names the path the caches use (module docstring)."""
@@ -192,11 +209,13 @@ class _Bank:
             if lay["kind"] == "hlwq":
                 lay["codebook_device"] = jax.device_put(jnp.asarray(lay["codebook"], jnp.float32),
                                                         self.device_sharding)
+        self._expert_nbytes = sum(s.nbytes for s in self.specs)
+        self._plan = _build_plan(self.specs, self.layout)
 
     @property
     def expert_nbytes(self) -> int:
         """Bytes moved per expert brought in."""
-        return sum(s.nbytes for s in self.specs)
+        return self._expert_nbytes
 
     @property
     def nbytes(self) -> int:
@@ -221,7 +240,18 @@ class _Bank:
                 for s in self.specs]
 
     def build(self, fields: Sequence[jax.Array], n: int) -> dict:
-        return build_weights(self.specs, self.layout, fields, n)
+        """``build_weights(self.specs, self.layout, fields, n)`` from a plan made once per bank (a cache rebuilds its
+        weight dict after every install, on the per-layer path's critical host path)."""
+        if len(fields) != len(self.specs):
+            raise ValueError(f"expert bank: {len(fields)} field arrays for {len(self.specs)} fields")
+        out = {}
+        for name, idx, static in self._plan:
+            if static is None:
+                out[name] = fields[idx[0]]
+            else:
+                out[name] = HLWQArray(packed=fields[idx[0]], norms=fields[idx[1]], shape=(int(n), *static["shape"]),
+                                      **static["kw"])
+        return out
 
     def all_resident(self) -> dict:
         """Every expert on the device, stacked [E, ...] (the all-resident baseline)."""

@@ -10,7 +10,8 @@ Flow of one MoE layer call (``cached_moe``):
      split them into fields (slice + bitcast), scatter per field; ``"stacked-jit"``: ONE jitted, donated call does
      it all from the layer's stacked host array (``_gather_install``: in-jit host→device copy per miss, split,
      scatter; miss list padded to ``bank.transfer_length`` entries, padded ones aimed at slot C and dropped);
-  4. the routed FFN runs on the slot buffers with ids mapped through the expert→slot map; with several groups each
+  4. the routed FFN runs on the slot buffers with ids mapped through the expert→slot map (kept as an int32 [E] array
+     updated by each install, passed to the FFN as host numpy: ``ExpertsFn``); with several groups each
      pass runs on all T tokens (same shapes as the all-resident call) and ``where`` keeps a token's result from its
      own group — so the output equals the all-resident output bit for bit (same function, same shapes).
 Letters: T tokens, k experts per token, C slots, E experts, D hidden, F expert intermediate size.
@@ -97,6 +98,7 @@ class LayerCache:
         self.policy = P.make_policy(policy, slots, **policy_kw)
         self.slot_of: dict[int, int] = {}
         self.free = list(range(slots))
+        self._smap = np.full(bank.n_experts, -1, np.int32)  # slot_of as an array, updated in place by ensure
         self.buffers = tuple(bank.empty_slots(slots))
         self._specs = tuple(bank.specs)  # static argument of the install
         self.stats = LayerStats()
@@ -105,11 +107,19 @@ class LayerCache:
         self._staged: dict[int, jax.Array] = {}  # prefetched expert rows not yet installed
 
     def slot_map(self) -> np.ndarray:
-        """int32 [E]: slot of each resident expert, −1 for the others."""
+        """int32 [E]: slot of each resident expert, −1 for the others (a copy of the map ``ensure`` keeps)."""
+        return self._smap.copy()
+
+    def slot_map_reference(self) -> np.ndarray:
+        """``slot_map`` rebuilt from ``slot_of`` (the definition; tests check the kept map equals it)."""
         m = np.full(self.bank.n_experts, -1, np.int32)
         for e, s in self.slot_of.items():
             m[e] = s
         return m
+
+    def slot_ids(self, host_ids: np.ndarray) -> np.ndarray:
+        """Slots of routed ids: int [...] (resident experts) -> int32 [...] on the host, a new array (−1: absent)."""
+        return self._smap[host_ids]
 
     def weights(self) -> dict:
         """The slot buffers as a weight dict with leading dimension C (feed to the routed FFN with slot ids); rebuilt
@@ -134,17 +144,20 @@ class LayerCache:
     def ensure(self, experts: Sequence[int]) -> None:
         """One access step: make all ``experts`` (distinct, ≤ C) resident at once."""
         r = self.policy.access(experts)
-        self.stats.steps += 1
-        self.stats.hits += len(r.hits)
-        self.stats.misses += len(r.misses)
+        st, smap = self.stats, self._smap
+        st.steps += 1
+        st.hits += len(r.hits)
+        st.misses += len(r.misses)
         for e in r.evicted:
             self.free.append(self.slot_of.pop(e))
+            smap[e] = -1
         if not r.misses:
             return
         self.version += 1
         slots = [self.free.pop() for _ in r.misses]
         for e, s in zip(r.misses, slots):
             self.slot_of[e] = s
+            smap[e] = s
         staged = [e for e in r.misses if e in self._staged]
         cold = [e for e in r.misses if e not in self._staged]
         self.stats.prefetched += len(staged)
@@ -170,10 +183,11 @@ class LayerCache:
 
     def _gather_install(self, experts, slots):
         """Stacked-jit: copy and install ``experts`` into ``slots`` in one call (padded to ``transfer_length``)."""
-        self.bank._check_ids(experts)
+        if max(experts) >= self.bank.n_experts or min(experts) < 0:
+            self.bank._check_ids(experts)  # raises, naming the id
         m = len(experts)
         n = transfer_length(m, self.slots)
-        idx = np.asarray([experts + [experts[-1]] * (n - m), slots + [self.slots] * (n - m)], np.int32)
+        idx = np.array([experts + [experts[-1]] * (n - m), slots + [self.slots] * (n - m)], np.int32)
         t0 = time.perf_counter()
         self.buffers = _gather_install(self.buffers, self.bank.stacked, idx, specs=self._specs)
         self.stats.transfers += 1
@@ -189,7 +203,7 @@ class LayerCache:
         m = len(misses)
         pad = (1 << (m - 1).bit_length()) - m  # pad M to a power of two (repeat the last pair) to bound retraces
         order = misses + [misses[-1]] * pad
-        idx = jnp.asarray(slots + [slots[-1]] * pad, jnp.int32)
+        idx = np.array(slots + [slots[-1]] * pad, np.int32)  # host: moved by the jit dispatch (``ExpertsFn``)
         self.buffers = _install(self.buffers, idx, tuple(fetched[e] for e in order), specs=self._specs)
 
     def precompile(self) -> None:
@@ -239,6 +253,10 @@ def plan_groups(ids: np.ndarray, slots: int) -> list[np.ndarray]:
 
 
 ExpertsFn = Callable[[jax.Array, jax.Array, jax.Array, dict], jax.Array]
+"""(x [T, D], slot ids int32 [T, k], weights [T, k], slot-buffer weight dict) -> [T, D]. ``cached_moe`` passes the slot
+ids as a host numpy array: a jitted function moves it in its C++ dispatch path (a separate ``jnp.asarray`` costs
+tens of µs of host time per layer, while the device idles in the per-layer path); same dtype and shape, so the same
+compiled program runs."""
 
 
 def cached_moe(cache: LayerCache, x: jax.Array, ids, weights: jax.Array,
@@ -255,25 +273,32 @@ def cached_moe(cache: LayerCache, x: jax.Array, ids, weights: jax.Array,
         host_ids = np.asarray(ids)
         cache.stats.wait_s += time.perf_counter() - t0
     host_ids = np.asarray(host_ids)
-    if host_ids.ndim != 2 or host_ids.size == 0 or host_ids.min() < 0 or host_ids.max() >= cache.bank.n_experts:
-        raise ValueError(f"routed ids must be int [T, k] in [0, {cache.bank.n_experts}), got shape {host_ids.shape} "
-                         f"range [{host_ids.min(initial=0)}, {host_ids.max(initial=0)}]")
+    n_exp = cache.bank.n_experts
+    flat = host_ids.reshape(-1).tolist()
+    if host_ids.ndim != 2 or not flat or host_ids.dtype.kind not in "iu" or min(flat) < 0 \
+            or max(flat) >= n_exp:
+        raise ValueError(f"routed ids must be int [T, k] in [0, {n_exp}), got {host_ids.dtype} {host_ids.shape} "
+                         f"range [{min(flat, default=0)}, {max(flat, default=0)}]")
+    union = list(dict.fromkeys(flat))  # first-seen order, as the group loop below would list them
+    if len(union) <= cache.slots:  # one group of every token (what plan_groups returns then): the decode case
+        cache.stats.groups += 1
+        cache.ensure(union)
+        if before_compute is not None:
+            before_compute()
+        return experts_fn(x, cache.slot_ids(host_ids), weights, cache.weights())
     groups = plan_groups(host_ids, cache.slots)
     cache.stats.groups += len(groups)
     y = None
     for g in groups:
-        cache.ensure(list(dict.fromkeys(int(e) for e in host_ids[g].reshape(-1))))
+        cache.ensure(list(dict.fromkeys(host_ids[g].reshape(-1).tolist())))
         if before_compute is not None:
             before_compute()
             before_compute = None
-        smap = cache.slot_map()
-        sid = smap[host_ids]
-        if len(groups) == 1:
-            return experts_fn(x, jnp.asarray(sid), weights, cache.weights())
+        sid = cache.slot_ids(host_ids)
         mask = np.zeros(host_ids.shape[0], bool)
         mask[g] = True
         sid[~mask] = 0  # other tokens compute garbage on slot 0; ``where`` discards it
-        yg = experts_fn(x, jnp.asarray(sid), weights, cache.weights())
+        yg = experts_fn(x, sid, weights, cache.weights())
         m = jnp.asarray(mask)[:, None]
         y = jnp.where(m, yg, jnp.zeros_like(yg) if y is None else y)
     return y

@@ -128,6 +128,7 @@ class OffloadedMoE:
         self.spec = SpecStats()
         self._pending: list[tuple[int, list[int]]] = []  # accepted all-hit access steps not yet given to policies
         self._smaps: tuple[tuple | None, jax.Array | None] = (None, None)  # cache versions, device maps [L, E]
+        self._smap: list[tuple[int, jax.Array] | None] = [None] * len(self.caches)  # per layer (version, [E])
 
     def _read(self, tree, cache: LayerCache | None = None):
         t0 = time.perf_counter()
@@ -174,6 +175,13 @@ class OffloadedMoE:
             host = np.stack([c.slot_map() for c in self.caches])
             self._smaps = (versions, jax.device_put(host, self.caches[0].bank.device_sharding))
         return self._smaps[1]
+
+    def device_slot_map(self, l: int) -> jax.Array:
+        """int32 [E] expert→slot map of layer ``l`` on the device (−1: absent); re-sent only after a change."""
+        cache, got = self.caches[l], self._smap[l]
+        if got is None or got[0] != cache.version:
+            got = self._smap[l] = (cache.version, jax.device_put(cache.slot_map(), cache.bank.device_sharding))
+        return got[1]
 
     def routed(self, l: int, h: jax.Array, ids: jax.Array, weights: jax.Array, *, next_ids: jax.Array | None = None,
                trace: tuple[str, str, int] | None = None) -> jax.Array:
@@ -385,7 +393,7 @@ def _repair(moe, routers, spec, ids_h, ws_h, stop, k, trace):
     for l in range(stop):
         x, h, _, w = route_layer(x, y, *routers[l], k=k)
         cache = moe.caches[l]
-        y = moe.experts_fn(h, jnp.asarray(cache.slot_map()[ids_h[l]]), w, cache.weights())
+        y = moe.experts_fn(h, cache.slot_ids(ids_h[l]), w, cache.weights())
     x, h, _, w = route_layer(x, y, *routers[stop], k=k)
     y = cached_moe(moe.caches[stop], h, ids_h[stop], w, moe.experts_fn, host_ids=ids_h[stop])
     if stop + 1 == n_layers:

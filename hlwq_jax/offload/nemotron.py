@@ -8,21 +8,24 @@ segmented forward with all experts resident, bit for bit; against ``models.nemot
 fusion) they agree to float rounding.
 
 Speculative mode (``OffloadConfig.speculative``): the segmented forward syncs once per MoE layer (23 host reads per
-token for Nano-30B) and its no-miss decode ran at a third of the all-resident speed on the H200. Instead
-``_speculative_pass`` runs every segment and every routed-expert call of one forward in ONE jitted call on the slot
-buffers as they are (absent experts read slot 0: garbage, detected), and returns the logits, the new layer states
-and one int32 code per routed id (the id, or ``~id`` where the expert is absent); ONE host read of the codes follows.
-All hit: the pass is the forward — the states become the new cache and each MoE layer's policy gets the access step
-the per-layer path would have made (queued, ``OffloadedMoE.apply_pending``). Any miss: the pass is discarded and the
-token runs through the per-layer path from the same cache (which installs the misses). Each segment and routed call
-is the same jitted function either way, kept apart by optimization barriers (as in ``moe_stack.speculative_stack``).
-Exactness: on the CPU the output equals the per-layer path's bit for bit (tests/offload/test_nemotron_offload.py);
-on the H200 the accepted passes did NOT (results/offload_h200_full_spec.jsonl, ``exact`` false in both no-miss
-speculative rows; the size of the difference was not recorded — the benchmark now writes ``max_abs_diff``): XLA
-compiles the one-call pass differently somewhere (GEMM choice or fusion of barrier-independent work are the
-suspects; the MoE-only stand-in's pass is exact there). So speculative decode of the hybrid model agrees with the
-per-layer path to float rounding, like ``models.nemotron_h.forward``, and is opt-in. Not pipelined (token t+1 is
-dispatched after t's read); routing traces are recorded on the per-layer path only.
+token for Nano-30B) and its no-miss decode ran at a third of the all-resident speed on the H200. Instead the forward
+is dispatched as a *chain* of the per-layer path's own jitted calls with no host read in between: per MoE layer j,
+``_segment`` (which also maps its routed ids to slots through the layer's device slot map; an absent expert reads
+slot 0: garbage, detected) → ``routed_experts`` on the slot buffers; after the last segment ``_chain_codes`` forms one
+int32
+code per routed id (the id, or ``~id`` where the expert was absent) and ONE host read follows. All hit: the chain was
+the forward. First miss at MoE layer s: segments 0..s ran on exact inputs and are kept (their states and outputs
+are device arrays the chain holds), layers < s get their all-hit policy steps, and the forward resumes on the
+per-layer path at layer s (installs its misses) — the work after s is discarded. Every path runs the same
+``_segment`` executable (the others pass an identity slot map and ignore the slot ids) and the routed call receives
+int32 [T, k] slot ids either way (from the segment here, from the host in ``cached_moe``), so every call of an
+accepted chain is the same executable on the same inputs as on the per-layer path: the logits are equal bit for bit
+by construction, on any backend (an earlier one-jit pass was exact on the CPU only: XLA GPU compiled it differently).
+Cost beyond the all-resident segmented forward: one small call (the codes) per token, and the host read. On the
+H200's host every jitted call costs ~0.1 ms to dispatch and these loops are host-bound, so the call count matters
+(a separate slot-lookup call per layer cost 0.65-0.76 of the resident speed, results/README.md).
+Tracing works in both modes (the chain reads the routing weights with the codes). Not pipelined (token t+1 is
+dispatched after t's read).
 """
 from __future__ import annotations
 
@@ -57,11 +60,13 @@ def _dense_block(config, kind, p, h, state):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _segment(config, kinds: tuple[str, ...], final: bool, p: dict, states: tuple, x, pending):
+def _segment(config, kinds: tuple[str, ...], final: bool, p: dict, states: tuple, x, pending, smap):
     """kinds: block types of this segment's dense layers. p: {"emb"?, "layers": [...], "moe"?: next MoE layer's
     {"norm", "router", "router_bias", "shared"?}, "norm_f"?, "head"?}. pending: None or (routed f32 [N, D], shared
     [N, D] | None) of the previous MoE layer. x: tokens int32 [B, T] (first segment) or hidden [B, T, D].
-    "next_router" (prefetch): the following MoE layer's {"router", "router_bias"}, applied to this layer's h."""
+    "next_router" (prefetch): the following MoE layer's {"router", "router_bias"}, applied to this layer's h.
+    smap: int32 [E] expert→slot map (−1 absent) giving the returned slot ids (absent → slot 0); the speculative chain
+    passes the layer's cache map, every other caller the model's identity map (same executable on every path)."""
     eps = config.layer_norm_epsilon
     if "emb" in p:
         x = jnp.take(p["emb"], x, axis=0)
@@ -85,29 +90,14 @@ def _segment(config, kinds: tuple[str, ...], final: bool, p: dict, states: tuple
     w, ids = route(m["mixer"], h, config.moe)
     shared = mlp(m["mixer"]["shared"], h, "relu2") if config.moe.shared_dim else None
     predicted = route(p["next_router"], h, config.moe)[1] if "next_router" in p else None  # prefetch guess
-    return x, tuple(new_states), h, ids, w, shared, predicted
+    slots = jnp.maximum(smap[ids], 0).astype(jnp.int32)
+    return x, tuple(new_states), h, ids, w, shared, predicted, slots
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _speculative_pass(config, layout: tuple, seg_params: tuple, seg_states: tuple, tokens, smaps, slot_weights):
-    """One forward: every segment (``layout``: (kinds, final) per segment, with its params and states) and, between
-    them, the routed experts of each MoE layer j on its slot buffers ``slot_weights[j]`` through the slot map
-    ``smaps[j]`` (int32 [L, E], −1 absent). → (logits f32 [B, T, V], new states per segment, codes int32
-    [L, B·T·k]: routed ids, ``~id`` where the expert is absent — ``moe_stack.decode_codes``)."""
-    barrier = jax.lax.optimization_barrier  # keeps each call's fusions as compiled alone (bit-identical results)
-    slots = jnp.maximum(smaps, 0)
-    x, pending, new_states, ids_l = tokens, None, [], []
-    for j, ((kinds, final), p, st) in enumerate(zip(layout, seg_params, seg_states)):
-        out = barrier(_segment(config, kinds, final, p, st, x, pending))
-        new_states.append(out[1])
-        if final:
-            logits = out[0]
-            break
-        x, _, h, ids, w, shared, _ = out
-        pending = (barrier(routed_experts(h, slots[j][ids], w, slot_weights[j])), shared)
-        ids_l.append(ids.reshape(-1))
-    ids = jnp.stack(ids_l).astype(jnp.int32)
-    return logits, tuple(new_states), encode_codes(smaps, ids)
+@jax.jit
+def _chain_codes(smaps: tuple, ids: tuple) -> jax.Array:
+    """smaps: per MoE layer int32 [E]; ids: per layer int [T, k] → int32 [L, T·k] (``moe_stack.encode_codes``)."""
+    return encode_codes(jnp.stack(smaps), jnp.stack([i.reshape(-1) for i in ids]).astype(jnp.int32))
 
 
 class OffloadedNemotronH:
@@ -132,6 +122,7 @@ class OffloadedNemotronH:
             if len(banks) != len(moe_idx):
                 raise ValueError(f"offloaded Nemotron-H: {len(banks)} banks for {len(moe_idx)} MoE layers")
             self.moe = OffloadedMoE(banks, offload, routed_experts, recorder)
+        self._identity = jnp.arange(config.n_routed_experts, dtype=jnp.int32)  # the smap of non-chain segments
         head = params["embeddings"] if config.tie_word_embeddings else params["lm_head"]
         bounds = [-1] + moe_idx + [len(kinds)]
         self.segments = []  # (kinds, layer indices, final, params)
@@ -155,58 +146,70 @@ class OffloadedNemotronH:
                 trace: tuple[str, str] | None = None):
         """Logits f32 [B, T, V] and the updated cache. ``trace=(prompt, phase)`` records routing (B must be 1;
         positions start at the cache length)."""
-        if self.moe is not None and self.moe.cfg.speculative:
-            if trace is not None:
-                raise ValueError("offloaded Nemotron-H: routing traces are recorded on the per-layer path; use "
-                                 "speculative=False to record")
-            return self._speculative_forward(tokens, cache)
-        return self._forward_layers(tokens, cache, trace)
-
-    def _speculative_forward(self, tokens: jax.Array, cache: nh.NemotronHCache | None):
-        """One ``_speculative_pass`` and one host read; the per-layer path from the same cache if a layer missed."""
-        moe, n_moe = self.moe, len(self.moe.caches)
+        if trace is not None and tokens.shape[0] != 1:
+            raise ValueError(f"offloaded Nemotron-H: tracing needs batch size 1, got tokens {tokens.shape}")
         states = list(cache.layers) if cache is not None else [None] * self.config.num_layers
-        layout = tuple((kinds, final) for kinds, _, final, _ in self.segments)
-        logits, seg_states, codes = _speculative_pass(
-            self.config, layout, tuple(p for *_, p in self.segments),
-            tuple(tuple(states[i] for i in idx) for _, idx, _, _ in self.segments), tokens,
-            moe.device_slot_maps(), [c.weights() for c in moe.caches])
-        moe.apply_pending()  # the previous token's policy steps, while the pass runs (hits: no slot map changes)
-        (codes_h,) = moe._read((codes,))
-        ids_h, hit = decode_codes(codes_h, self.config.moe.top_k)
-        moe.spec.tokens += 1
-        if not hit.all():
-            moe.spec.rollbacks += 1
-            moe.spec.resumed_layers += n_moe
-            return self._forward_layers(tokens, cache, None)
-        moe.spec.accepts += 1
-        for l in range(n_moe):  # every routed expert resident: one access step per layer, all hits
-            moe.queue_hits(l, ids_h[l])
-        moe.end_step()
-        for (_, idx, _, _), st in zip(self.segments, seg_states):
-            for i, s in zip(idx, st):
-                states[i] = s
+        tr = None if trace is None else (trace[0], trace[1], int(cache.length) if cache is not None else 0)
+        if self.moe is not None and self.moe.cfg.speculative:
+            logits = self._speculative(tokens, states, tr)
+        else:
+            logits = self._layers_from(0, tokens, None, states, tr)
         new_cache = None if cache is None else nh.NemotronHCache(tuple(states), cache.length + tokens.shape[1])
         return logits, new_cache
 
-    def _forward_layers(self, tokens: jax.Array, cache: nh.NemotronHCache | None, trace):
-        """The segmented forward: one sync per MoE layer (module docstring)."""
-        b, t = tokens.shape
-        states = list(cache.layers) if cache is not None else [None] * self.config.num_layers
-        pos0 = int(cache.length) if cache is not None else 0
-        x, pending = tokens, None
+    def _speculative(self, tokens: jax.Array, states: list, tr):
+        """The chain (module docstring) and its one host read; resumes on the per-layer path at the first MoE layer
+        that missed. Updates ``states`` in place; returns the logits."""
+        moe, n_moe, k = self.moe, len(self.moe.caches), self.config.moe.top_k
+        smaps = tuple(moe.device_slot_map(l) for l in range(n_moe))
+        x, pending, outs = tokens, None, []
         for j, (kinds, idx, final, p) in enumerate(self.segments):
-            st = tuple(states[i] for i in idx)
-            out = _segment(self.config, kinds, final, p, st, x, pending)
+            out = _segment(self.config, kinds, final, p, tuple(states[i] for i in idx), x, pending,
+                           None if final else smaps[j])
+            outs.append(out)
+            if final:
+                break
+            x, _, h, ids, w, shared, _, slots = out
+            pending = (routed_experts(h, slots, w, moe.caches[j].weights()), shared)
+        codes = _chain_codes(smaps, tuple(o[3] for o in outs[:-1]))
+        moe.apply_pending()  # the previous token's policy steps, while the chain runs (hits: no slot map changes)
+        want_w = tr is not None and self.recorder is not None
+        codes_h, ws_h = moe._read((codes, [o[4] for o in outs[:-1]] if want_w else None))
+        ids_h, hit = decode_codes(codes_h, k)
+        missed = np.flatnonzero(~hit)
+        stop = int(missed[0]) if missed.size else n_moe
+        moe.spec.tokens += 1
+        for l in range(stop):  # every routed expert resident: one access step per layer, all hits
+            moe.queue_hits(l, ids_h[l])
+            if want_w:
+                self.recorder.record(*tr, l, ids_h[l], ws_h[l])
+        for (_, idx, _, _), out in zip(self.segments[: stop + 1], outs):  # segments 0..stop ran on exact inputs
+            for i, st in zip(idx, out[1]):
+                states[i] = st
+        if stop == n_moe:
+            moe.spec.accepts += 1
+            moe.end_step()
+            return outs[-1][0]
+        moe.spec.rollbacks += 1
+        moe.spec.resumed_layers += n_moe - stop
+        x, _, h, ids, w, shared, predicted, _ = outs[stop]
+        pending = (moe.routed(stop, h, ids, w, next_ids=predicted, trace=tr), shared)
+        return self._layers_from(stop + 1, x, pending, states, tr)
+
+    def _layers_from(self, start: int, x, pending, states: list, tr):
+        """The segmented forward (module docstring) from segment ``start`` on, one sync per MoE layer: x is the
+        tokens (start 0) or the hidden state entering segment ``start``, ``pending`` the previous MoE layer's
+        (routed, shared) outputs. Updates ``states`` in place; returns the logits."""
+        for j in range(start, len(self.segments)):
+            kinds, idx, final, p = self.segments[j]
+            out = _segment(self.config, kinds, final, p, tuple(states[i] for i in idx), x, pending,
+                           None if final else self._identity)
             for i, s in zip(idx, out[1]):
                 states[i] = s
             if final:
                 logits = out[0]
                 break
-            x, _, h, ids, w, shared, predicted = out
-            tr = None if trace is None else (trace[0], trace[1], pos0)
-            if tr is not None and b != 1:
-                raise ValueError("offloaded Nemotron-H: tracing needs batch size 1")
+            x, _, h, ids, w, shared, predicted, _ = out
             if self.moe is None:
                 if tr is not None and self.recorder is not None:
                     self.recorder.record(*tr, j, np.asarray(ids), np.asarray(w))
@@ -215,8 +218,7 @@ class OffloadedNemotronH:
                 pending = (self.moe.routed(j, h, ids, w, next_ids=predicted, trace=tr), shared)
         if self.moe is not None:
             self.moe.end_step()
-        new_cache = None if cache is None else nh.NemotronHCache(tuple(states), cache.length + t)
-        return logits, new_cache
+        return logits
 
 
 def trace_generation(model: OffloadedNemotronH, prompt: jax.Array, max_new_tokens: int, name: str,

@@ -139,7 +139,8 @@ def test_failed_transfer_probe_is_recorded_and_skipped(monkeypatch):
 
     monkeypatch.setattr(B, "transfer_probe", probe)
     monkeypatch.setattr(B, "bench_transfer", lambda h, *a: [{"kind": "decode", "transfer": h.transfer}])
-    monkeypatch.setattr(B, "time_run", lambda *a, **kw: (1.0, []))  # resident rows: not under test here
+    resident = (1.0, [], {"ms_per_token_repeats": [1.0], "host_ms_per_token": 1.0})
+    monkeypatch.setattr(B, "time_resident", lambda *a, **kw: resident)  # resident rows: not under test here
     cfg = dataclasses.replace(B.BenchConfig.tiny(), transfer=TRANSFERS, tokens=2, warmup=1)
     failed = []
     rows = [r for batch in B.bench_precision(cfg, "bf16", jax.random.PRNGKey(0), {}, None, failed) for r in batch]

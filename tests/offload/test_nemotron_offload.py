@@ -101,7 +101,7 @@ def test_resident_mode_traces_a_plain_run(model, tmp_path):
 
 
 def run_untraced(cfg, params, slots, prompt, steps, **ocfg):
-    """``run`` without trace recording (speculative mode records no traces)."""
+    """``run`` without trace recording."""
     off = OffloadedNemotronH(cfg, params, OffloadConfig(slots=slots, **ocfg))
     cache = nh.init_cache(cfg, 1, prompt.shape[1] + steps, jnp.float32)
     logits, cache = off.forward(prompt, cache)
@@ -113,30 +113,40 @@ def run_untraced(cfg, params, slots, prompt, steps, **ocfg):
     return outs, off
 
 
-@pytest.mark.parametrize("slots", [K, E])
+@pytest.mark.parametrize("slots", [K, E - 2, E])
 def test_speculative_forward_exact(model, slots):
-    """One speculative pass per forward: logits equal the per-layer path bit for bit, with misses (C = K: rollbacks to
-    the per-layer path) and without (C = E after the first token: accepted passes); every policy sees the per-layer
+    """Speculative chains: logits equal the per-layer path bit for bit, with misses (C = K: resumes at the first
+    missing layer) and without (C = E after the first tokens: accepted chains); every policy sees the per-layer
     path's access sequence (same per-layer hits / misses / groups)."""
     cfg, params = model
     prompt = jax.random.randint(jax.random.PRNGKey(2), (1, 5), 0, cfg.vocab_size).astype(jnp.int32)
-    ref, off_ref = run_untraced(cfg, params, slots, prompt, 6)
-    outs, off = run_untraced(cfg, params, slots, prompt, 6, speculative=True)
+    ref, off_ref = run_untraced(cfg, params, slots, prompt, 8)
+    outs, off = run_untraced(cfg, params, slots, prompt, 8, speculative=True)
     for i, (a, b) in enumerate(zip(outs, ref)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"forward {i}, slots={slots}")
     got = [(s.hits, s.misses, s.groups, s.steps) for s in off.moe.stats()]
     want = [(s.hits, s.misses, s.groups, s.steps) for s in off_ref.moe.stats()]
     assert got == want
-    sp = off.moe.spec
-    assert sp.tokens == 7 and sp.accepts + sp.rollbacks == 7
+    sp, n_moe = off.moe.spec, len(off.moe.caches)
+    assert sp.tokens == 9 and sp.accepts + sp.rollbacks == 9
     assert sp.rollbacks >= 1  # the prefill misses (cold caches)
-    if slots == E:  # nothing is ever evicted: once every routed expert has been seen, passes are accepted
+    if slots == E:  # nothing is ever evicted: once every routed expert has been seen, chains are accepted
         assert sp.accepts >= 3
-    assert sp.host_reads == 7 + 3 * sp.rollbacks  # one per pass, plus the per-layer path's 3 MoE layers per rollback
+    # one read per chain, plus one per MoE layer run on the per-layer path (from the first missing layer on)
+    assert sp.host_reads == sp.tokens + sp.resumed_layers
+    assert sp.rollbacks <= sp.resumed_layers <= n_moe * sp.rollbacks
+    if slots == E - 2:  # some chain missed after its first MoE layer and kept the layers before the miss
+        assert sp.resumed_layers < n_moe * sp.rollbacks
 
 
-def test_speculative_forward_rejects_tracing(model):
+def test_speculative_tracing_equals_per_layer(model, tmp_path):
+    """Routing traces recorded by speculative chains (accepted and resumed) equal the per-layer path's."""
     cfg, params = model
-    off = OffloadedNemotronH(cfg, params, OffloadConfig(slots=E, speculative=True))
-    with pytest.raises(ValueError, match="traces"):
-        off.forward(jnp.zeros((1, 2), jnp.int32), None, trace=("p", "prefill"))
+    prompt = jax.random.randint(jax.random.PRNGKey(4), (1, 5), 0, cfg.vocab_size).astype(jnp.int32)
+    recs = []
+    for spec in (False, True):
+        rec = T.TraceRecorder()
+        outs, off = run(cfg, params, E - 2, prompt, 5, recorder=rec, ocfg={"speculative": spec})
+        recs.append(rec.records())
+    assert recs[0] == recs[1] and len(recs[0]) == (5 + 5) * 3
+    assert off.moe.spec.rollbacks >= 1

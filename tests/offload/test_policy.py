@@ -134,3 +134,42 @@ def test_belady_beats_every_policy_on_zipf(seed, n_experts, k, slots_extra, alph
         r = run(name, slots, steps)
         assert r.accesses == best.accesses
         assert best.misses <= r.misses, (name, best.misses, r.misses)
+
+
+class _RefLRU(P.LRU):
+    """LRU with the base class's victim search (sorted candidates, ``_victim``): the definition."""
+    _choose_victim = P.EvictionPolicy._choose_victim
+
+
+class _RefStatic(P.StaticPinned):
+    _choose_victim = P.EvictionPolicy._choose_victim
+
+
+def _outcome(policy, step):
+    try:
+        return policy.access(step)
+    except ValueError as e:
+        return f"ValueError: {e}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_lru_fast_victim_search_equals_definition(data):
+    """LRU / static keep ``last`` in recency order and pick the first unprotected key; same steps as the sorted
+    search of the definition, and ``last`` holds exactly the resident experts in ascending clock order."""
+    n_exp = data.draw(st.integers(2, 12))
+    slots = data.draw(st.integers(1, n_exp))
+    width = data.draw(st.integers(1, slots))
+    steps = data.draw(st.lists(st.lists(st.integers(0, n_exp - 1), min_size=1, max_size=width, unique=True),
+                               min_size=1, max_size=40))
+    pinned = data.draw(st.lists(st.integers(0, n_exp - 1), max_size=slots, unique=True))
+    for fast, ref in ((P.LRU(slots), _RefLRU(slots)), (P.StaticPinned(slots, pinned), _RefStatic(slots, pinned))):
+        for s in steps:
+            got, want = _outcome(fast, s), _outcome(ref, s)
+            assert got == want, (type(fast).__name__, s)
+            if isinstance(got, str):
+                break
+            assert set(fast.last) == fast.resident
+            clocks = list(fast.last.values())
+            assert clocks == sorted(clocks)
+        assert (fast.accesses, fast.misses, fast.resident) == (ref.accesses, ref.misses, ref.resident)

@@ -23,6 +23,10 @@ from hlwq_jax.ops.hlwq_matmul.rotate import rotate_activations
 class XlaConfig:
     reduce_max_m: int = 8  # token counts up to this use the fused multiply-reduce
 
+    def __post_init__(self):
+        if not isinstance(self.reduce_max_m, int) or self.reduce_max_m < 0:
+            raise ValueError(f"XlaConfig.reduce_max_m must be an int ≥ 0, got {self.reduce_max_m!r}")
+
 
 def codes_and_norms(w):
     """(uint8 codes [*lead, out, n_blocks, B], float32 norms [*lead, out, n_blocks]) of an HLWQArray / HLWQPlanes."""
@@ -59,6 +63,8 @@ def hlwq_matmul_xla(x: jax.Array, w, *, config: XlaConfig = XlaConfig(), rotated
     else:
         dot_dtype = jnp.float32 if jnp.dtype(out_dtype).itemsize >= 4 else out_dtype
         w_rot = rotated_weight(w, dot_dtype)
-        y = jnp.einsum("mi,oi->mo", xr.astype(dot_dtype), w_rot, preferred_element_type=jnp.float32,
+        # bf16 / fp16: the dot accumulates in float32 and writes x.dtype directly (a float32 [M, out] result plus a
+        # cast pass cost 1.39x bf16's time at M = 4096 on the H200, results/bench_hlwq_matmul_xla.md)
+        y = jnp.einsum("mi,oi->mo", xr.astype(dot_dtype), w_rot, preferred_element_type=dot_dtype,
                        precision=jax.lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None)
     return y.reshape(*lead, -1).astype(out_dtype)

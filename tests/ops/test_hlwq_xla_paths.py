@@ -1,0 +1,67 @@
+"""impl="xla": the rotation of activations against a float64 oracle (a Sylvester matrix from scipy.linalg.hadamard,
+not the code under test), XlaConfig validation, and the fused-reduce and dequantize-then-dot paths against each
+other and against the shared hlwq_matmul suite's float64 oracle (every token count through the dot path).
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from hlwq_oracle import exact_weight, rel_err
+from hlwq_jax.ops.hlwq_matmul import XlaConfig, hlwq_matmul, rotate_activations
+from hlwq_jax.quant.hadamard import random_signs
+from test_hlwq_matmul import HLWQMatmulSuite, IN, OUT
+
+
+def rotate_numpy(x64: np.ndarray, block_size: int, n_pad: int, rotation: str, seed: int) -> np.ndarray:
+    """x̃ float64 [..., n_pad]: zero-pad, multiply by the seeded signs (random-hadamard), then x_b @ H_B per block."""
+    xp = np.zeros((*x64.shape[:-1], n_pad))
+    xp[..., : x64.shape[-1]] = x64
+    if rotation == "none":
+        return xp
+    if rotation == "random-hadamard":
+        xp = xp * random_signs(n_pad, seed).astype(np.float64)
+    h = scipy.linalg.hadamard(block_size).astype(np.float64) / math.sqrt(block_size)
+    blocks = xp.reshape(*xp.shape[:-1], n_pad // block_size, block_size)
+    return (blocks @ h).reshape(xp.shape)
+
+
+# ---- rotation ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rotation", ["hadamard", "random-hadamard", "none"])
+@pytest.mark.parametrize("block_size", [32, 64, 128])
+def test_rotation_float32(rotation, block_size):
+    rng = np.random.default_rng(block_size)
+    n_in = 3 * block_size - 5  # padded in-dim: the last block has 5 zero columns
+    w = exact_weight(rng, 4, (8, n_in), block_size=block_size, rotation=rotation, seed=block_size + 1)
+    x = jnp.asarray(rng.standard_normal((2, 3, n_in)), jnp.float32)
+    y = rotate_activations(x, w)
+    ref = rotate_numpy(np.asarray(x, np.float64), block_size, w.padded_in, rotation, w.seed)
+    assert y.dtype == jnp.float32 and y.shape == ref.shape
+    err = rel_err(y, ref)
+    assert err < 1e-6, f"B={block_size} {rotation}: rel err {err:.2e}"
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="XlaConfig.reduce_max_m"):
+        XlaConfig(reduce_max_m=-1)
+
+
+class TestXlaDotPath(HLWQMatmulSuite):
+    """Every token count through the dequantize-then-dot path."""
+    impl = "xla"
+    config = XlaConfig(reduce_max_m=0)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_fused_reduce_and_dot_paths_agree(m):
+    """reduce_max_m=16 (fused multiply-reduce) against 0 (dequantize + dot), float32."""
+    rng = np.random.default_rng(m)
+    w = exact_weight(rng, 5, (OUT, IN), rotation="random-hadamard", seed=1)
+    x = jnp.asarray(rng.standard_normal((m, IN)), jnp.float32)
+    a = hlwq_matmul(x, w, impl="xla", config=XlaConfig(reduce_max_m=16))
+    b = hlwq_matmul(x, w, impl="xla", config=XlaConfig(reduce_max_m=0))
+    assert rel_err(b, a) < 2e-6
