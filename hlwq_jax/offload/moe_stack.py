@@ -13,8 +13,8 @@ other as in a real decode loop and every token's input stays on the device.
 Transfers: every install (misses, preload, speculative repairs) goes through ``LayerCache.ensure`` and so through
 the banks' transfer path (``HostBank(..., transfer="rows" | "stacked-jit")``, bank.py); nothing here depends on it.
 
-Speculative mode (``OffloadConfig.speculative``, stand-in model only): the per-layer loop reads each layer's routed
-ids to the host before it can run the layer (L syncs per token). Instead, ``speculative_stack`` runs ALL L layers in
+Speculative mode of the stand-in model (``OffloadConfig.speculative``; the hybrid model's is in nemotron.py): the
+per-layer loop reads each layer's routed ids to the host before it can run the layer (L syncs per token). Instead, ``speculative_stack`` runs ALL L layers in
 ONE jitted call with the current expert→slot maps: per layer it routes, looks the ids up in the slot map and runs
 the routed FFN on the slot buffers (absent experts read slot 0: garbage, detected). It returns only the output and
 one int32 code per routed id (the id, or ``~id`` where the expert is absent) — no per-layer states — and ONE host
@@ -60,9 +60,9 @@ from hlwq_jax.offload.trace import TraceRecorder
 @dataclasses.dataclass(frozen=True)
 class OffloadConfig:
     """slots: device slots per MoE layer; policy: a name from ``policy.POLICIES``; prefetch: next-layer router
-    prefetch; sync_timing: block on every transfer to time it (serialises; for diagnostics); speculative: run all MoE
-    layers of a token in one jitted call and read routing once per token, pipelined by one token (module docstring;
-    stand-in model only)."""
+    prefetch; sync_timing: block on every transfer to time it (serialises; for diagnostics); speculative: read
+    routing once per token — stand-in model: all MoE layers in one jitted call, pipelined by one token (module
+    docstring); hybrid model: a chain of the per-layer calls without reads (``nemotron``)."""
     slots: int
     policy: str = "lru"
     prefetch: bool = False
