@@ -16,8 +16,8 @@ the banks' transfer path (``HostBank(..., transfer="rows" | "stacked-jit")``, ba
 Speculative mode of the stand-in model (``OffloadConfig.speculative``; the hybrid model's is in nemotron.py): the
 per-layer loop reads each layer's routed ids to the host before it can run the layer (L syncs per token).
 Instead, ``speculative_stack`` runs ALL L layers in ONE jitted call with the current expert→slot maps: per layer it
-routes, looks the ids up in the slot map and runs the routed FFN on the slot buffers (absent experts read slot 0: garbage, detected). It returns only the output and
-one int32 code per routed id (the id, or ``~id`` where the expert is absent) — no per-layer states — and ONE host
+routes, looks the ids up in the slot map and runs the routed FFN on the slot buffers (absent experts read slot 0:
+garbage, detected). It returns only the output and one int32 code per routed id (the id, or ``~id`` where the expert is absent) — no per-layer states — and ONE host
 read of the codes follows. If every layer hit, the output is accepted and each layer's policy gets the same access
 step the per-layer path would have made. If layer L missed, the pass's output is discarded: layers < L are accepted
 as above and recomputed from the pass's input by the per-layer path's calls on their slots (resident, unchanged;
