@@ -15,16 +15,17 @@ the banks' transfer path (``HostBank(..., transfer="rows" | "stacked-jit")``, ba
 
 Speculative mode of the stand-in model (``OffloadConfig.speculative``; the hybrid model's is in nemotron.py): the
 per-layer loop reads each layer's routed ids to the host before it can run the layer (L syncs per token). Instead,
-``speculative_stack`` runs ALL L layers in ONE jitted call with the current expert→slot maps: per layer it routes, looks
-the ids up in the slot map and runs the routed FFN on the slot buffers (absent experts read slot 0: garbage, detected).
-It returns only the output and one int32 code per routed id (the id, or ``~id`` where the expert is absent) — no
-per-layer states — and ONE host read of the codes follows. If every layer hit, the output is accepted and each layer's
-policy gets the same access step the per-layer path would have made. If layer L missed, the pass's output is discarded:
-layers < L are accepted as above and recomputed from the pass's input by the per-layer path's calls on their slots
-(resident, unchanged; no host read), layer L runs through ``cached_moe`` with its recorded ids (installs its misses; the
-ids are exact since layers < L are), and layers > L continue on the per-layer path. Each layer is computed by the same
-jitted functions either way (the pass keeps their call boundaries with optimization barriers), so the output equals the
-all-resident output bit for bit (tests check it on CPU; the benchmark checks it on the GPU: ``exact``).
+``speculative_stack`` runs ALL L layers in ONE jitted call with the current expert→slot maps: per layer it routes,
+looks the ids up in the slot map and runs the routed FFN on the slot buffers (absent experts read slot 0: garbage,
+detected). It returns only the output and one int32 code per routed id (the id, or ``~id`` where the expert is
+absent) — no per-layer states — and ONE host read of the codes follows. If every layer hit, the output is accepted
+and each layer's policy gets the same access step the per-layer path would have made. If layer L missed, the pass's
+output is discarded: layers < L are accepted as above and recomputed from the pass's input by the per-layer path's
+calls on their slots (resident, unchanged; no host read), layer L runs through ``cached_moe`` with its recorded ids
+(installs its misses; the ids are exact since layers < L are), and layers > L continue on the per-layer path. Each
+layer is computed by the same jitted functions either way (the pass keeps their call boundaries with optimization
+barriers), so the output equals the all-resident output bit for bit (tests check it on CPU; the benchmark checks it
+on the GPU: ``exact``).
 
 Pipelining (``speculative_decode``): token t+1's speculative call is dispatched on token t's speculative output,
 still on the device, BEFORE t's codes are read, so the host's read, policy updates and next dispatch overlap
