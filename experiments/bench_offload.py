@@ -20,7 +20,8 @@ Two models (``model`` in the config):
 reads routing once per token. moe_only: rolling back at the first layer that missed, pipelined by one token (the next
 token's call is dispatched before this token's routing is read; ``offload.moe_stack``); full: the forward dispatched
 as a chain of the per-layer path's own calls with no read in between, resumed on the per-layer path at the first MoE
-layer that missed, not pipelined (``offload.nemotron``: exact by construction); rows carry
+layer that missed, pipelined by one token through ``OffloadedNemotronH.decode`` (``offload.nemotron``: exact by
+construction); rows carry
 ``speculative``, ``host_reads_per_token``, ``spec_accepts`` / ``spec_rollbacks`` / ``spec_discarded`` (in-flight
 next-token calls thrown away after a rollback). The ``nomiss`` row is the one the 10%-of-all-resident target is about
 (``resident_over_cached`` ≥ 0.9): routing restricted to C experts per layer, all of them preloaded into every layer
@@ -58,7 +59,9 @@ bytes moved per miss; generating 58.75 GB of distinct random numbers would take 
 
 Noise: the segmented loops are host-dispatch-heavy, and on the H200's host their ms/token moves by up to 2× between
 runs; ``resident_repeats`` times the all-resident baselines and the no-miss rows that many times (fresh caches each
-time) and reports the median (``ms_per_token_repeats`` holds all). Every timed row also carries ``host_ms_per_token``:
+time) and reports the median (``ms_per_token_repeats`` holds all); the first transfer path's no-miss repeats are each
+preceded by a timing of the restricted all-resident loop, and their ``resident_over_cached`` is the median of those
+paired ratios (``paired_resident_ms``, ``paired_ratios``). Every timed row also carries ``host_ms_per_token``:
 host time until the decode loop returned, before waiting for the device (≈ ms/token: host-bound).
 
 Each run appends JSON lines (resolved config, git SHA, jax version, device, metrics) to ``--out``. Every cached run
@@ -310,7 +313,7 @@ def bench_precision(cfg, precision, key, meta, recorder, failed: list):
     n_layers = len(h.banks)
     print(f"[{precision}] {n_layers} banks: {pinned / 1e9:.2f} GB pinned host, {ebytes / 1e6:.2f} MB/expert, "
           f"setup {time.perf_counter() - t0:.1f} s", flush=True)
-    ref = {}
+    ref, paired = {}, []
     for restricted in (False, True):
         name = "restricted" if restricted else "random"
         variants, vouts, extra = {}, {}, {}
@@ -318,6 +321,8 @@ def bench_precision(cfg, precision, key, meta, recorder, failed: list):
             variants[vname], vouts[vname], extra[vname] = time_resident(run, cfg)
             if is_ref:
                 ref[name] = vouts[vname]
+            if restricted and not paired:
+                paired.append(run)  # the primary restricted baseline, re-timed beside each no-miss repeat
         primary = next(iter(variants))
         rows.append({**meta, "kind": "resident", "bank": precision, "routing": name, "baseline": primary,
                      "transfer": None,
@@ -335,7 +340,6 @@ def bench_precision(cfg, precision, key, meta, recorder, failed: list):
     del run
     if recorder is not None:
         h.record(recorder)
-    h.drop_resident()
     res = rows[1]["ms_per_token"]
     yield rows
     for transfer in cfg.transfer:
@@ -356,18 +360,27 @@ def bench_precision(cfg, precision, key, meta, recorder, failed: list):
               f"{probe['ms_per_miss']:.3f} ms/miss ({probe['misses_per_call']} misses per call), contiguous "
               f"device_put {probe['contiguous_ms_per_expert']:.3f} ms/expert, raw {RAW_PCIE_MS.get(precision)}",
               flush=True)
-        yield [{**meta, **probe}, *bench_transfer(h, cfg, precision, meta, ref, res)]
+        yield [{**meta, **probe}, *bench_transfer(h, cfg, precision, meta, ref, res, paired)]
+        paired.clear()  # the first transfer's no-miss rows are paired; the all-resident experts are freed after them
+        h.drop_resident()
+        gc.collect()
 
 
-def bench_transfer(h, cfg, precision, meta, ref, res) -> list[dict]:
+def bench_transfer(h, cfg, precision, meta, ref, res, paired=()) -> list[dict]:
     """The no-miss and decode rows of one bank precision on ``h``'s current transfer path (``ref``: reference outputs
-    per routing; ``res``: resident ms/token with restricted routing)."""
+    per routing; ``res``: resident ms/token with restricted routing; ``paired``: [the restricted all-resident run] or
+    empty — if given, each no-miss repeat is preceded by a timing of it, and ``resident_over_cached`` is the median
+    of the per-repeat ratios, so that slow drifts of the host's speed cancel)."""
     rows, c0, nomiss, transfer = [], min(cfg.slots), {}, h.transfer
     pinned, ebytes, n_layers, top_k = sum(b.nbytes for b in h.banks), h.banks[0].expert_nbytes, len(h.banks), h.top_k
     for spec in cfg.speculative:
-        reps = []  # repeated like the resident baseline (fresh caches each time), median reported
+        reps, ratios, paired_ms = [], [], []  # repeated like the resident baseline (fresh caches), median reported
         for _ in range(cfg.resident_repeats):
+            if paired:
+                paired_ms.append(time_run(paired[0], cfg.warmup, cfg.tokens)[0])
             reps.append(measure_cached(h, cfg, c0, "lru", False, restricted=True, speculative=spec))
+            if paired:
+                ratios.append(paired_ms[-1] / reps[-1][0])
             check_miss_free(f"[{precision}] C={c0}{' speculative' if spec else ''}", reps[-1][2], reps[-1][3])
         order = np.argsort([r[0] for r in reps])
         nomiss[spec], outs, st, sp, mem, moe, host_ms = reps[int(order[len(reps) // 2])]
@@ -382,7 +395,8 @@ def bench_transfer(h, cfg, precision, meta, ref, res) -> list[dict]:
                      "ms_per_token": nomiss[spec], "tok_s": 1e3 / nomiss[spec], "host_ms_per_token": host_ms,
                      "ms_per_token_repeats": rep_ms, "misses": miss,
                      "exact": exact(outs, ref["restricted"]), "max_abs_diff": max_abs_diff(outs, ref["restricted"]),
-                     "resident_over_cached": res / nomiss[spec],
+                     "resident_over_cached": float(np.median(ratios)) if ratios else res / nomiss[spec],
+                     "paired_resident_ms": paired_ms, "paired_ratios": ratios,
                      "device_memory": mem,
                      "pinned_host_bytes": pinned, **floor, **spec_fields(spec, sp, cfg.tokens)})
         print(f"[{precision}] {transfer} cached C={c0}{' speculative' if spec else ''}, no misses ({miss}): "

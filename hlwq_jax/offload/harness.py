@@ -256,18 +256,28 @@ class FullModelHarness:
             layers[i] = dict(layers[i], mixer=dict(layers[i]["mixer"], experts=ex))
         return dict(params, layers=layers)
 
-    def _decoder(self, forward):
+    def _decoder(self, forward, decode=None):
+        """run(start, n) over ``forward(tokens, cache, phase)`` (prefill at start 0, then one call per token) or, with
+        ``decode(tokens [1, n], cache)`` (→ logits per token, cache), one decode call per run (the offloaded model's
+        ``decode``: pipelined speculative chains)."""
         c, p0 = self.config, self.cfg.prompt
         state = {}
 
-        def step(i):
-            if i == 0:
+        def run(start, n):
+            if start == 0:
                 cache = nh.init_cache(c, 1, self.tokens.shape[1], jnp.bfloat16)
                 _, state["cache"] = forward(jnp.asarray(self.tokens[:, :p0]), cache, "prefill")
-            logits, state["cache"] = forward(jnp.asarray(self.tokens[:, p0 + i:p0 + i + 1]), state["cache"], "decode")
-            return logits
+            if decode is not None:
+                logits, state["cache"] = decode(jnp.asarray(self.tokens[:, p0 + start:p0 + start + n]), state["cache"])
+                return logits
+            out = []
+            for i in range(start, start + n):
+                logits, state["cache"] = forward(jnp.asarray(self.tokens[:, p0 + i:p0 + i + 1]), state["cache"],
+                                                 "decode")
+                out.append(logits)
+            return out
 
-        return _runner(lambda start, n: [step(i) for i in range(start, start + n)])
+        return _runner(run)
 
     def resident(self, restricted):
         full = self._with_bias(self.full, min(self.cfg.slots)) if restricted else self.full
@@ -283,9 +293,11 @@ class FullModelHarness:
         ocfg = OffloadConfig(slots=slots, policy=policy, prefetch=prefetch, speculative=speculative)
         off = OffloadedNemotronH(self.config, params, ocfg,
                                  banks=self.banks, recorder=recorder)
-        trace = recorder is not None
-        return self._decoder(lambda toks, cache, phase: off.forward(
-            toks, cache, trace=("bench", phase) if trace else None)), off.moe
+        def tr(phase):
+            return ("bench", phase) if recorder is not None else None
+
+        return self._decoder(lambda toks, cache, phase: off.forward(toks, cache, trace=tr(phase)),
+                             lambda toks, cache: off.decode(toks, cache, trace=tr("decode"))), off.moe
 
     def record(self, recorder):
         run, _ = self.cached(max(s for s in self.cfg.slots if s <= self.n_experts), "lru", False,

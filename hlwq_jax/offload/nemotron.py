@@ -23,9 +23,10 @@ accepted chain is the same executable on the same inputs as on the per-layer pat
 by construction, on any backend (an earlier one-jit pass was exact on the CPU only: XLA GPU compiled it differently).
 Cost beyond the all-resident segmented forward: one small call (the codes) per token, and the host read. On the
 H200's host every jitted call costs ~0.1 ms to dispatch and these loops are host-bound, so the call count matters
-(a separate slot-lookup call per layer cost 0.65-0.76 of the resident speed, results/README.md).
-Tracing works in both modes (the chain reads the routing weights with the codes). Not pipelined (token t+1 is
-dispatched after t's read).
+(with a separate slot-lookup call per layer the no-miss chain ran measurably slower; results/README.md).
+Tracing works in both modes (the chain reads the routing weights with the codes). ``forward`` settles each chain
+before it returns; ``decode`` (teacher-forced steps) pipelines by one token: step t+1's chain is dispatched on t's
+speculative states before t's codes are read (its docstring).
 """
 from __future__ import annotations
 
@@ -65,8 +66,9 @@ def _segment(config, kinds: tuple[str, ...], final: bool, p: dict, states: tuple
     {"norm", "router", "router_bias", "shared"?}, "norm_f"?, "head"?}. pending: None or (routed f32 [N, D], shared
     [N, D] | None) of the previous MoE layer. x: tokens int32 [B, T] (first segment) or hidden [B, T, D].
     "next_router" (prefetch): the following MoE layer's {"router", "router_bias"}, applied to this layer's h.
-    smap: int32 [E] expert→slot map (−1 absent) giving the returned slot ids (absent → slot 0); the speculative chain
-    passes the layer's cache map, every other caller the model's identity map (same executable on every path)."""
+    smap: int32 [E] expert→slot map (−1 absent) giving the returned slot ids (absent → slot 0); the speculative
+    chain passes the layer's cache map, every other caller the model's identity map (one executable on every
+    path)."""
     eps = config.layer_norm_epsilon
     if "emb" in p:
         x = jnp.take(p["emb"], x, axis=0)
@@ -157,11 +159,48 @@ class OffloadedNemotronH:
         new_cache = None if cache is None else nh.NemotronHCache(tuple(states), cache.length + tokens.shape[1])
         return logits, new_cache
 
+    def decode(self, tokens: jax.Array, cache: nh.NemotronHCache, *, trace: tuple[str, str] | None = None):
+        """Teacher-forced decode of tokens int32 [B, N], one token per step (step t reads ``tokens[:, t]``) →
+        (logits f32 [B, 1, V] per step, the cache after the last step); the same logits as N ``forward`` calls.
+        Speculative: pipelined by one token — step t+1's chain is dispatched on step t's speculative states BEFORE
+        t's codes are read, so that read, the policy steps and the next dispatch overlap device work. t accepted: t+1
+        stands; t missed: t+1's chain is discarded (``SpecStats.discarded``), t resumes on the per-layer path and
+        t+1 is dispatched again on the repaired states. Sound because while a chain is in flight nothing changes the
+        slot maps or buffers it reads except a resume of the token before it, after which it is discarded
+        (``moe_stack``'s pipelined stand-in loop rests on the same invariant). On the H200 the pipelining measured no
+        gain (the loop is host-bound there; results/README.md)."""
+        if trace is not None and tokens.shape[0] != 1:
+            raise ValueError(f"offloaded Nemotron-H: tracing needs batch size 1, got tokens {tokens.shape}")
+        n, pos0 = tokens.shape[1], int(cache.length)
+        if self.moe is None or not self.moe.cfg.speculative:
+            logits = []
+            for t in range(n):
+                lg, cache = self.forward(tokens[:, t:t + 1], cache, trace=trace)
+                logits.append(lg)
+            return logits, cache
+        states, logits = list(cache.layers), []
+        inflight = self._dispatch_chain(tokens[:, :1], states)
+        for t in range(n):
+            cur, inflight = inflight, None
+            if t + 1 < n:  # on t's speculative states
+                inflight = self._dispatch_chain(tokens[:, t + 1:t + 2], self._chain_states(cur, states))
+            tr = None if trace is None else (trace[0], trace[1], pos0 + t)
+            lg, accepted = self._settle_chain(cur, states, tr)
+            if not accepted and inflight is not None:  # its input states and slot maps are stale
+                self.moe.spec.discarded += 1
+                inflight = self._dispatch_chain(tokens[:, t + 1:t + 2], states)
+            logits.append(lg)
+        return logits, nh.NemotronHCache(tuple(states), cache.length + n)
+
     def _speculative(self, tokens: jax.Array, states: list, tr):
-        """The chain (module docstring) and its one host read; resumes on the per-layer path at the first MoE layer
-        that missed. Updates ``states`` in place; returns the logits."""
-        moe, n_moe, k = self.moe, len(self.moe.caches), self.config.moe.top_k
-        smaps = tuple(moe.device_slot_map(l) for l in range(n_moe))
+        """One chain and its settling (module docstring). Updates ``states`` in place; returns the logits."""
+        return self._settle_chain(self._dispatch_chain(tokens, states), states, tr)[0]
+
+    def _dispatch_chain(self, tokens: jax.Array, states: list) -> list:
+        """Dispatch the chain on the caches' current slot maps and buffers (nothing is read or waited for). Returns
+        the per-segment outputs with the codes call's result appended."""
+        moe = self.moe
+        smaps = tuple(moe.device_slot_map(l) for l in range(len(moe.caches)))
         x, pending, outs = tokens, None, []
         for j, (kinds, idx, final, p) in enumerate(self.segments):
             out = _segment(self.config, kinds, final, p, tuple(states[i] for i in idx), x, pending,
@@ -171,8 +210,22 @@ class OffloadedNemotronH:
                 break
             x, _, h, ids, w, shared, _, slots = out
             pending = (routed_experts(h, slots, w, moe.caches[j].weights()), shared)
-        codes = _chain_codes(smaps, tuple(o[3] for o in outs[:-1]))
-        moe.apply_pending()  # the previous token's policy steps, while the chain runs (hits: no slot map changes)
+        return outs + [_chain_codes(smaps, tuple(o[3] for o in outs[:-1]))]
+
+    def _chain_states(self, chain: list, states: list) -> list:
+        """``states`` with every layer's state replaced by the chain's (speculative) new state."""
+        new = list(states)
+        for (_, idx, _, _), out in zip(self.segments, chain[:-1]):
+            for i, st in zip(idx, out[1]):
+                new[i] = st
+        return new
+
+    def _settle_chain(self, chain: list, states: list, tr):
+        """The chain's one host read; accept it, or keep its exact prefix and resume on the per-layer path at the
+        first MoE layer that missed. Updates ``states`` in place. Returns (logits, accepted)."""
+        moe, n_moe, k = self.moe, len(self.moe.caches), self.config.moe.top_k
+        outs, codes = chain[:-1], chain[-1]
+        moe.apply_pending()  # the previous token's policy steps, while chains run (hits: no slot map changes)
         want_w = tr is not None and self.recorder is not None
         codes_h, ws_h = moe._read((codes, [o[4] for o in outs[:-1]] if want_w else None))
         ids_h, hit = decode_codes(codes_h, k)
@@ -189,12 +242,12 @@ class OffloadedNemotronH:
         if stop == n_moe:
             moe.spec.accepts += 1
             moe.end_step()
-            return outs[-1][0]
+            return outs[-1][0], True
         moe.spec.rollbacks += 1
         moe.spec.resumed_layers += n_moe - stop
         x, _, h, ids, w, shared, predicted, _ = outs[stop]
         pending = (moe.routed(stop, h, ids, w, next_ids=predicted, trace=tr), shared)
-        return self._layers_from(stop + 1, x, pending, states, tr)
+        return self._layers_from(stop + 1, x, pending, states, tr), False
 
     def _layers_from(self, start: int, x, pending, states: list, tr):
         """The segmented forward (module docstring) from segment ``start`` on, one sync per MoE layer: x is the

@@ -150,3 +150,33 @@ def test_speculative_tracing_equals_per_layer(model, tmp_path):
         recs.append(rec.records())
     assert recs[0] == recs[1] and len(recs[0]) == (5 + 5) * 3
     assert off.moe.spec.rollbacks >= 1
+
+
+@pytest.mark.parametrize("slots", [K, E - 2, E])
+def test_pipelined_decode_exact(model, slots):
+    """decode() with speculative chains pipelined by one token: the logits of N per-layer forward calls bit for bit,
+    the same policy steps, the same routing trace; discarded in-flight chains never read (reads = chains settled +
+    resumed layers)."""
+    cfg, params = model
+    prompt = jax.random.randint(jax.random.PRNGKey(5), (1, 5), 0, cfg.vocab_size).astype(jnp.int32)
+    toks = jax.random.randint(jax.random.PRNGKey(6), (1, 8), 0, cfg.vocab_size).astype(jnp.int32)
+    got = {}
+    for spec in (False, True):
+        rec = T.TraceRecorder()
+        off = OffloadedNemotronH(cfg, params, OffloadConfig(slots=slots, speculative=spec), recorder=rec)
+        cache = nh.init_cache(cfg, 1, 13, jnp.float32)
+        first, cache = off.forward(prompt, cache, trace=("p", "prefill"))
+        logits, cache = off.decode(toks, cache, trace=("p", "decode"))
+        assert int(cache.length) == 13 and len(logits) == 8
+        got[spec] = ([first] + logits, [(s.hits, s.misses, s.groups, s.steps) for s in off.moe.stats()],
+                     rec.records(), off.moe.spec)
+    for i, (a, b) in enumerate(zip(got[True][0], got[False][0])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"step {i}, slots={slots}")
+    assert got[True][1] == got[False][1] and got[True][2] == got[False][2]
+    sp = got[True][3]
+    assert sp.tokens == 9 and sp.accepts + sp.rollbacks == 9
+    assert sp.host_reads == sp.tokens + sp.resumed_layers
+    if slots == K:  # misses everywhere: every rollback with a chain in flight discards it
+        assert sp.discarded >= 1
+    if slots == E:
+        assert sp.accepts >= 3

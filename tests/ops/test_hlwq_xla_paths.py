@@ -65,3 +65,16 @@ def test_fused_reduce_and_dot_paths_agree(m):
     a = hlwq_matmul(x, w, impl="xla", config=XlaConfig(reduce_max_m=16))
     b = hlwq_matmul(x, w, impl="xla", config=XlaConfig(reduce_max_m=0))
     assert rel_err(b, a) < 2e-6
+
+
+@pytest.mark.parametrize("rotation", ["hadamard", "random-hadamard", "none"])
+def test_bf16_dot_path_matches_oracle(rotation):
+    """The bf16 dot path (bf16 x̃ and Ŵ_rot, bf16 output) against the float64 dequantise-then-matmul of the same bf16
+    input: bf16 rounding of x̃, Ŵ_rot and y only."""
+    rng = np.random.default_rng(11)
+    w = exact_weight(rng, 5, (OUT, IN), rotation=rotation, seed=4)
+    x = jnp.asarray(rng.standard_normal((24, IN)), jnp.bfloat16)
+    y = hlwq_matmul(x, w, impl="xla", config=XlaConfig(reduce_max_m=8))
+    assert y.dtype == jnp.bfloat16
+    ref = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(w.dequantize(jnp.float32), np.float64).T
+    assert rel_err(y, ref) < 1e-2

@@ -4,7 +4,8 @@
     M ≤ config.reduce_max_m:  y[m, o] = Σ_b r[o, b] Σ_k (c[code[o, b, k]] / √B) · x̃[m, b, k]
         one multiply-reduce that XLA fuses with the unpacking and the table lookup (no weight is materialised)
     M > config.reduce_max_m:  Ŵ_rot = r · c[code] / √B in the activation dtype (bf16 for bf16 inputs), then a
-        tensor-core dot x̃ · Ŵ_rotᵀ with float32 accumulation (XLA cannot fuse a lookup into a cuBLAS operand).
+        tensor-core dot x̃ · Ŵ_rotᵀ with float32 accumulation (XLA cannot fuse a lookup into a cuBLAS operand), written
+        in x.dtype directly.
 """
 from __future__ import annotations
 
