@@ -20,7 +20,8 @@ Two models (``model`` in the config):
 reads routing once per token. moe_only: rolling back at the first layer that missed, pipelined by one token (the next
 token's call is dispatched before this token's routing is read; ``offload.moe_stack``); full: the forward dispatched
 as a chain of the per-layer path's own calls with no read in between, resumed on the per-layer path at the first MoE
-layer that missed, pipelined by one token through ``OffloadedNemotronH.decode`` (``offload.nemotron``: exact by
+layer that missed, pipelined by one token through ``OffloadedNemotronH.decode``, backing off to the per-layer path
+after missed chains (``OffloadConfig.speculative_backoff``, default cap 64; ``offload.nemotron``: exact by
 construction); rows carry
 ``speculative``, ``host_reads_per_token``, ``spec_accepts`` / ``spec_rollbacks`` / ``spec_discarded`` (in-flight
 next-token calls thrown away after a rollback). The ``nomiss`` row is the one the 10%-of-all-resident target is about

@@ -63,12 +63,19 @@ class OffloadConfig:
     """slots: device slots per MoE layer; policy: a name from ``policy.POLICIES``; prefetch: next-layer router
     prefetch; sync_timing: block on every transfer to time it (serialises; for diagnostics); speculative: read
     routing once per token — stand-in model: all MoE layers in one jitted call, pipelined by one token (module
-    docstring); hybrid model: a chain of the per-layer calls without reads (``nemotron``)."""
+    docstring); hybrid model: a chain of the per-layer calls without reads (``nemotron``); speculative_backoff
+    (hybrid model): after a chain that missed, run that many tokens on the per-layer path before the next chain,
+    doubling per consecutive miss up to this cap (0: speculate every token)."""
     slots: int
     policy: str = "lru"
     prefetch: bool = False
     sync_timing: bool = False
     speculative: bool = False
+    speculative_backoff: int = 64
+
+    def __post_init__(self):
+        if not isinstance(self.speculative_backoff, int) or self.speculative_backoff < 0:
+            raise ValueError(f"OffloadConfig.speculative_backoff must be an int >= 0, got {self.speculative_backoff!r}")
 
 
 @dataclasses.dataclass

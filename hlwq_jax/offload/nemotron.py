@@ -24,7 +24,10 @@ by construction, on any backend (an earlier one-jit pass was exact on the CPU on
 Cost beyond the all-resident segmented forward: one small call (the codes) per token, and the host read. On the
 H200's host every jitted call costs ~0.1 ms to dispatch and these loops are host-bound, so the call count matters
 (with a separate slot-lookup call per layer the no-miss chain ran measurably slower; results/README.md).
-Tracing works in both modes (the chain reads the routing weights with the codes). ``forward`` settles each chain
+Where chains keep missing (random routing: every token misses somewhere, and a missed chain costs its wasted tail
+on top of the per-layer path), ``OffloadConfig.speculative_backoff`` runs the next 1, 2, 4, … tokens (up to the cap)
+on the per-layer path after each missed chain; an accepted chain resets it. Tracing works in both modes (the chain
+reads the routing weights with the codes). ``forward`` settles each chain
 before it returns; ``decode`` (teacher-forced steps) pipelines by one token: step t+1's chain is dispatched on t's
 speculative states before t's codes are read (its docstring).
 """
@@ -125,6 +128,7 @@ class OffloadedNemotronH:
                 raise ValueError(f"offloaded Nemotron-H: {len(banks)} banks for {len(moe_idx)} MoE layers")
             self.moe = OffloadedMoE(banks, offload, routed_experts, recorder)
         self._identity = jnp.arange(config.n_routed_experts, dtype=jnp.int32)  # the smap of non-chain segments
+        self._skip = self._backoff = 0  # speculative backoff: tokens left on the per-layer path, current length
         head = params["embeddings"] if config.tie_word_embeddings else params["lm_head"]
         bounds = [-1] + moe_idx + [len(kinds)]
         self.segments = []  # (kinds, layer indices, final, params)
@@ -152,7 +156,7 @@ class OffloadedNemotronH:
             raise ValueError(f"offloaded Nemotron-H: tracing needs batch size 1, got tokens {tokens.shape}")
         states = list(cache.layers) if cache is not None else [None] * self.config.num_layers
         tr = None if trace is None else (trace[0], trace[1], int(cache.length) if cache is not None else 0)
-        if self.moe is not None and self.moe.cfg.speculative:
+        if self.moe is not None and self.moe.cfg.speculative and self._speculate_next():
             logits = self._speculative(tokens, states, tr)
         else:
             logits = self._layers_from(0, tokens, None, states, tr)
@@ -179,18 +183,41 @@ class OffloadedNemotronH:
                 logits.append(lg)
             return logits, cache
         states, logits = list(cache.layers), []
-        inflight = self._dispatch_chain(tokens[:, :1], states)
+        inflight = self._dispatch_chain(tokens[:, :1], states) if self._speculate_next() else None
         for t in range(n):
             cur, inflight = inflight, None
-            if t + 1 < n:  # on t's speculative states
-                inflight = self._dispatch_chain(tokens[:, t + 1:t + 2], self._chain_states(cur, states))
             tr = None if trace is None else (trace[0], trace[1], pos0 + t)
+            if cur is None:  # backing off: this token on the per-layer path
+                lg = self._layers_from(0, tokens[:, t:t + 1], None, states, tr)
+                if t + 1 < n and self._speculate_next():
+                    inflight = self._dispatch_chain(tokens[:, t + 1:t + 2], states)
+                logits.append(lg)
+                continue
+            if t + 1 < n and self._speculate_next():  # on t's speculative states
+                inflight = self._dispatch_chain(tokens[:, t + 1:t + 2], self._chain_states(cur, states))
             lg, accepted = self._settle_chain(cur, states, tr)
             if not accepted and inflight is not None:  # its input states and slot maps are stale
                 self.moe.spec.discarded += 1
-                inflight = self._dispatch_chain(tokens[:, t + 1:t + 2], states)
+                inflight = self._dispatch_chain(tokens[:, t + 1:t + 2], states) if self._speculate_next() else None
             logits.append(lg)
         return logits, nh.NemotronHCache(tuple(states), cache.length + n)
+
+    def _speculate_next(self) -> bool:
+        """Whether the next token runs as a chain (False while backing off; consumes one backed-off token)."""
+        if self._skip:
+            self._skip -= 1
+            return False
+        return True
+
+    def _after_chain(self, accepted: bool) -> None:
+        """Backoff bookkeeping after a settled chain: reset when accepted; after a miss, the next ``_backoff``
+        tokens (1, 2, 4, … up to ``speculative_backoff``; 0 disables) run on the per-layer path."""
+        cap = self.moe.cfg.speculative_backoff
+        if accepted:
+            self._backoff = 0
+        elif cap:
+            self._backoff = min(cap, max(1, 2 * self._backoff))
+            self._skip = self._backoff
 
     def _speculative(self, tokens: jax.Array, states: list, tr):
         """One chain and its settling (module docstring). Updates ``states`` in place; returns the logits."""
@@ -239,6 +266,7 @@ class OffloadedNemotronH:
         for (_, idx, _, _), out in zip(self.segments[: stop + 1], outs):  # segments 0..stop ran on exact inputs
             for i, st in zip(idx, out[1]):
                 states[i] = st
+        self._after_chain(stop == n_moe)
         if stop == n_moe:
             moe.spec.accepts += 1
             moe.end_step()

@@ -121,7 +121,7 @@ def test_speculative_forward_exact(model, slots):
     cfg, params = model
     prompt = jax.random.randint(jax.random.PRNGKey(2), (1, 5), 0, cfg.vocab_size).astype(jnp.int32)
     ref, off_ref = run_untraced(cfg, params, slots, prompt, 8)
-    outs, off = run_untraced(cfg, params, slots, prompt, 8, speculative=True)
+    outs, off = run_untraced(cfg, params, slots, prompt, 8, speculative=True, speculative_backoff=0)
     for i, (a, b) in enumerate(zip(outs, ref)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"forward {i}, slots={slots}")
     got = [(s.hits, s.misses, s.groups, s.steps) for s in off.moe.stats()]
@@ -163,7 +163,8 @@ def test_pipelined_decode_exact(model, slots):
     got = {}
     for spec in (False, True):
         rec = T.TraceRecorder()
-        off = OffloadedNemotronH(cfg, params, OffloadConfig(slots=slots, speculative=spec), recorder=rec)
+        off = OffloadedNemotronH(cfg, params, OffloadConfig(slots=slots, speculative=spec, speculative_backoff=0),
+                                 recorder=rec)
         cache = nh.init_cache(cfg, 1, 13, jnp.float32)
         first, cache = off.forward(prompt, cache, trace=("p", "prefill"))
         logits, cache = off.decode(toks, cache, trace=("p", "decode"))
@@ -180,3 +181,34 @@ def test_pipelined_decode_exact(model, slots):
         assert sp.discarded >= 1
     if slots == E:
         assert sp.accepts >= 3
+
+
+@pytest.mark.parametrize("use_decode", [False, True])
+def test_speculative_backoff(model, use_decode):
+    """After a chain that missed, the next 1, 2, 4, … tokens (capped) run on the per-layer path: fewer chains where
+    nearly every token misses (C = K), the same logits and policy steps as the per-layer path either way."""
+    cfg, params = model
+    prompt = jax.random.randint(jax.random.PRNGKey(7), (1, 4), 0, cfg.vocab_size).astype(jnp.int32)
+    toks = jax.random.randint(jax.random.PRNGKey(8), (1, 12), 0, cfg.vocab_size).astype(jnp.int32)
+    got = {}
+    for name, ocfg in (("ref", {}), ("spec", {"speculative": True, "speculative_backoff": 4})):
+        off = OffloadedNemotronH(cfg, params, OffloadConfig(slots=K, **ocfg))
+        cache = nh.init_cache(cfg, 1, 16, jnp.float32)
+        first, cache = off.forward(prompt, cache)
+        if use_decode:
+            logits, cache = off.decode(toks, cache)
+        else:
+            logits = []
+            for t in range(12):
+                lg, cache = off.forward(toks[:, t:t + 1], cache)
+                logits.append(lg)
+        got[name] = ([first] + logits, [(s.hits, s.misses, s.groups, s.steps) for s in off.moe.stats()], off)
+    for a, b in zip(got["spec"][0], got["ref"][0]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert got["spec"][1] == got["ref"][1]
+    sp = got["spec"][2].moe.spec
+    assert sp.accepts == 0 and sp.rollbacks == sp.tokens  # C = K here: every chain misses
+    # 13 forwards; chains at 0, then after 1, 2, 4, 4, ... per-layer tokens: forwards 0, 2, 5, 10 -> 4 chains
+    assert sp.tokens == 4
+    with pytest.raises(ValueError, match="speculative_backoff"):
+        OffloadConfig(slots=K, speculative_backoff=-1)
