@@ -169,6 +169,32 @@ class OffloadedMoE:
         it to the policy."""
         self._pending.append((l, list(dict.fromkeys(np.asarray(ids).reshape(-1).tolist()))))
 
+    def settle(self, codes: jax.Array, weights, k: int, trace: tuple[str, str, int] | None):
+        """The host side of one speculative pass (both models): give the policies the previous token's steps, read
+        the pass's codes int32 [L, T·k] (and, when tracing, its routing weights per layer) in ONE host read, queue the
+        all-hit steps of the layers before the first miss (and record their routing), count the pass. Returns
+        (stop, ids [L, T, k], weights or None): stop = the first MoE layer that missed, L if none (accepted: the step
+        ended)."""
+        self.apply_pending()  # the previous token's policy steps, overlapping in-flight calls (hits: maps unchanged)
+        want_w = self.recorder is not None and trace is not None
+        codes_h, ws_h = self._read((codes, weights if want_w else None))
+        ids_h, hit = decode_codes(codes_h, k)
+        n_layers = len(self.caches)
+        missed = np.flatnonzero(~hit)
+        stop = int(missed[0]) if missed.size else n_layers
+        for l in range(stop):  # every routed expert resident: one group, all hits (the per-layer path's step)
+            self.queue_hits(l, ids_h[l])
+            if want_w:
+                self.recorder.record(trace[0], trace[1], trace[2], l, ids_h[l], ws_h[l])
+        self.spec.tokens += 1
+        if stop == n_layers:
+            self.spec.accepts += 1
+            self.end_step()
+        else:
+            self.spec.rollbacks += 1
+            self.spec.resumed_layers += n_layers - stop
+        return stop, ids_h, ws_h
+
     def preload(self, experts: Sequence[int]) -> None:
         """Make ``experts`` (distinct, ≤ slots) resident in every layer: one access step per layer through the normal
         install path, so policy state and counters stay consistent (a benchmark's miss-free warm start)."""
@@ -364,24 +390,11 @@ def _dispatch(moe, routers, x, k, with_weights=False):
 
 
 def _settle(moe, routers, spec, k, trace):
-    """Read one speculative pass's codes (the token's ONE host read), queue the accepted layers' policy steps and
-    return its output, or the repaired output if a layer missed."""
+    """Settle one speculative pass (``OffloadedMoE.settle``: the token's ONE host read) and return its output, or the
+    repaired output if a layer missed."""
     out, codes, ws, _ = spec
-    moe.apply_pending()  # the previous token's policy steps, overlapping the in-flight calls
-    want_w = moe.recorder is not None and trace is not None
-    codes_h, ws_h = moe._read((codes, ws if want_w else None))
-    ids_h, hit = decode_codes(codes_h, k)
-    n_layers = len(routers)
-    missed = np.flatnonzero(~hit)
-    stop = int(missed[0]) if missed.size else n_layers
-    for l in range(stop):  # accepted layers: every routed expert resident -> one group, all hits
-        moe.queue_hits(l, ids_h[l])
-        if want_w:
-            moe.recorder.record(trace[0], trace[1], trace[2], l, ids_h[l], ws_h[l])
-    moe.spec.tokens += 1
-    if stop == n_layers:
-        moe.spec.accepts += 1
-        moe.end_step()
+    stop, ids_h, ws_h = moe.settle(codes, ws, k, trace)
+    if stop == len(routers):
         return out
     return _repair(moe, routers, spec, ids_h, ws_h, stop, k, trace)
 
@@ -392,8 +405,6 @@ def _repair(moe, routers, spec, ids_h, ws_h, stop, k, trace):
     through ``cached_moe`` with its recorded (exact) ids, installing its misses; the per-layer path does the rest."""
     x = spec[3]
     n_layers = len(routers)
-    moe.spec.rollbacks += 1
-    moe.spec.resumed_layers += n_layers - stop
     moe.apply_pending()  # all hits: layers < stop keep the slot maps the pass read
     if ws_h is not None:
         moe.recorder.record(trace[0], trace[1], trace[2], stop, ids_h[stop], ws_h[stop])

@@ -49,7 +49,7 @@ from hlwq_jax.nn.moe import route
 from hlwq_jax.nn.norms import rms_norm
 from hlwq_jax.offload.bank import HostBank, _Bank
 from hlwq_jax.offload.expert_cache import routed_experts
-from hlwq_jax.offload.moe_stack import OffloadConfig, OffloadedMoE, decode_codes, encode_codes
+from hlwq_jax.offload.moe_stack import OffloadConfig, OffloadedMoE, encode_codes
 from hlwq_jax.offload.trace import TraceRecorder
 
 
@@ -250,29 +250,15 @@ class OffloadedNemotronH:
     def _settle_chain(self, chain: list, states: list, tr):
         """The chain's one host read; accept it, or keep its exact prefix and resume on the per-layer path at the
         first MoE layer that missed. Updates ``states`` in place. Returns (logits, accepted)."""
-        moe, n_moe, k = self.moe, len(self.moe.caches), self.config.moe.top_k
+        moe, n_moe = self.moe, len(self.moe.caches)
         outs, codes = chain[:-1], chain[-1]
-        moe.apply_pending()  # the previous token's policy steps, while chains run (hits: no slot map changes)
-        want_w = tr is not None and self.recorder is not None
-        codes_h, ws_h = moe._read((codes, [o[4] for o in outs[:-1]] if want_w else None))
-        ids_h, hit = decode_codes(codes_h, k)
-        missed = np.flatnonzero(~hit)
-        stop = int(missed[0]) if missed.size else n_moe
-        moe.spec.tokens += 1
-        for l in range(stop):  # every routed expert resident: one access step per layer, all hits
-            moe.queue_hits(l, ids_h[l])
-            if want_w:
-                self.recorder.record(*tr, l, ids_h[l], ws_h[l])
+        stop = moe.settle(codes, [o[4] for o in outs[:-1]], self.config.moe.top_k, tr)[0]
         for (_, idx, _, _), out in zip(self.segments[: stop + 1], outs):  # segments 0..stop ran on exact inputs
             for i, st in zip(idx, out[1]):
                 states[i] = st
         self._after_chain(stop == n_moe)
         if stop == n_moe:
-            moe.spec.accepts += 1
-            moe.end_step()
             return outs[-1][0], True
-        moe.spec.rollbacks += 1
-        moe.spec.resumed_layers += n_moe - stop
         x, _, h, ids, w, shared, predicted, _ = outs[stop]
         pending = (moe.routed(stop, h, ids, w, next_ids=predicted, trace=tr), shared)
         return self._layers_from(stop + 1, x, pending, states, tr), False
