@@ -226,11 +226,16 @@ class OffloadedNemotronH:
 
     def _dispatch_chain(self, tokens: jax.Array, states: list) -> list:
         """Dispatch the chain on the caches' current slot maps and buffers (nothing is read or waited for). Returns
-        the per-segment outputs with the codes call's result appended."""
+        the per-segment outputs with the codes call's result appended. The codes are dispatched, and their copy to
+        the host started, before the final segment (norm, dense tail, lm_head): the read then need not wait for the
+        head's matmul, the largest of the step."""
         moe = self.moe
         smaps = tuple(moe.device_slot_map(l) for l in range(len(moe.caches)))
-        x, pending, outs = tokens, None, []
+        x, pending, outs, codes = tokens, None, [], None
         for j, (kinds, idx, final, p) in enumerate(self.segments):
+            if final:
+                codes = _chain_codes(smaps, tuple(o[3] for o in outs))
+                codes.copy_to_host_async()
             out = _segment(self.config, kinds, final, p, tuple(states[i] for i in idx), x, pending,
                            None if final else smaps[j])
             outs.append(out)
@@ -238,7 +243,7 @@ class OffloadedNemotronH:
                 break
             x, _, h, ids, w, shared, _, slots = out
             pending = (routed_experts(h, slots, w, moe.caches[j].weights()), shared)
-        return outs + [_chain_codes(smaps, tuple(o[3] for o in outs[:-1]))]
+        return outs + [codes]
 
     def _chain_states(self, chain: list, states: list) -> list:
         """``states`` with every layer's state replaced by the chain's (speculative) new state."""
