@@ -186,7 +186,7 @@ def measure_cached(h, cfg, slots, policy, prefetch, restricted=False, speculativ
     the warm-up (through the caches' install path), so no token can miss. Returns (ms/token, outputs, per-layer
     stats, SpecStats, device memory, the OffloadedMoE)."""
     run, moe = h.cached(slots, policy, prefetch, restricted, speculative)
-    moe.caches[0].precompile((1, h.top_k))  # install programs are shared by all layers (decode: ids [1, k])
+    moe.caches[0].precompile()  # install shapes are shared by all layers
     if restricted:
         moe.preload(h.restricted_experts)
     t_warm, timing = [], {}

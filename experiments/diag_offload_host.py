@@ -20,9 +20,9 @@ with an idle device, as after the per-layer path's id read):
   counters) excluding the install; ``install_prep``: ``LayerCache._gather_install`` minus its jit dispatch (id checks,
   index array); ``install_disp``: the stacked-jit ``_gather_install`` call (returns when dispatched);
 - ``weights``: ``LayerCache.weights()`` (rebuilds the weight pytree after an install, ``bank.build``);
-- ``slot_ids``: the host lookup ``LayerCache.slot_ids`` timed by itself (pass 1 no longer uses it: ``cached_moe``
-  gets device ids and the caller's device slots, as from the model's ``_segment``; a step with misses uses the slot
-  ids its install program returns);
+- ``slot_ids``: the slot ids of the routed ids (``LayerCache.slot_ids``: host numpy, moved to the device by the
+  routed FFN's jit dispatch; ``cached_moe``'s code for it, timed once more by itself on the same state; before the
+  change of this column's code it was ``jnp.asarray(slot_map()[ids])``, a separate host→device put);
 - ``rest``: the remainder of ``cached_moe`` (argument checks, grouping, the slot ids above, glue);
 - ``routed_disp``: the ``routed_experts`` jit dispatch; ``total``: one whole ``cached_moe`` call (host time).
 A second pass per step waits for the device after the install (``ensure_ready_ms``: ensure + host→device copy +
@@ -173,15 +173,12 @@ def measure(bank: HostBank, slots: int, m: int, k: int, steps: int, warmup: int,
         timed = i >= warmup
         # pass 1: host time per piece
         ids = step_ids(cache, m, k, rng)
-        # as the model's per-layer path: device ids, and their slots under the device map (what ``_segment`` returns)
-        ids_dev = jax.device_put(ids, bank.device_sharding)
-        dev_slots = jax.block_until_ready(jnp.maximum(cache.dev_smap[ids_dev], 0))
         timer.t = {}
         with instrumented(cache, timer):
             if timed and profile is not None:
                 profile.enable()
             t0 = time.perf_counter()
-            y = X.cached_moe(cache, x, ids_dev, w, routed, host_ids=ids, dev_slots=dev_slots)
+            y = X.cached_moe(cache, x, ids, w, routed, host_ids=ids)
             total = time.perf_counter() - t0
             if timed and profile is not None:
                 profile.disable()
@@ -242,11 +239,9 @@ def device_split(bank: HostBank, slots: int, m: int, steps: int, warmup: int, hl
     rng = np.random.default_rng(7 * slots + m)
     out = {k: [] for k in ("install_ms", "install_disp_ms", "gather_ms", "contig_ms")}
     for i in range(warmup + steps):
-        idx = np.array([rng.choice(bank.n_experts, m, replace=False), rng.choice(slots, m, replace=False),
-                        *cache._map_rows(None, m)], np.int32)  # map rows: padding only (map unchanged)
+        idx = np.array([rng.choice(bank.n_experts, m, replace=False), rng.choice(slots, m, replace=False)], np.int32)
         t0 = time.perf_counter()
-        bufs, cache.dev_smap, _ = X._gather_install(cache.buffers, cache.dev_smap, bank.stacked, idx, None,
-                                                    specs=cache._specs)
+        bufs = X._gather_install(cache.buffers, bank.stacked, idx, specs=cache._specs)
         t1 = time.perf_counter()
         cache.buffers = jax.block_until_ready(bufs)
         t2 = time.perf_counter()
@@ -259,8 +254,7 @@ def device_split(bank: HostBank, slots: int, m: int, steps: int, warmup: int, hl
                 out[k].append(v * 1e3)
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)
-        txt = X._gather_install.lower(cache.buffers, cache.dev_smap, bank.stacked, idx, None,
-                                      specs=cache._specs).compile().as_text()
+        txt = X._gather_install.lower(cache.buffers, bank.stacked, idx, specs=cache._specs).compile().as_text()
         path = os.path.join(hlo_dir, f"gather_install_{bank.expert_nbytes}B_C{slots}_m{m}.txt")
         with open(path + ".tmp", "w") as fh:
             fh.write(txt)

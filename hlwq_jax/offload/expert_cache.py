@@ -72,37 +72,20 @@ class LayerStats:
                              for f in dataclasses.fields(self)})
 
 
-def _update_map(smap: jax.Array, upd: jax.Array) -> jax.Array:
-    """smap int32 [E] (−1 absent); upd int32 [3, M]: evicted experts, installed experts, their slots (entries E:
-    padding, dropped). Evictions first (an expert is never both in one step)."""
-    return smap.at[upd[0]].set(-1, mode="drop").at[upd[1]].set(upd[2], mode="drop")
-
-
-def _slots_of(smap: jax.Array, ids: jax.Array | None) -> jax.Array | None:
-    """Slot ids int32 [T, k] of routed ids (absent experts → slot 0; callers pass resident ids only)."""
-    return None if ids is None else jnp.maximum(smap[ids], 0).astype(jnp.int32)
-
-
 @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("specs",))
-def _install(buffers, smap, idx, rows, ids, *, specs: tuple[FieldSpec, ...]):
-    """The ``"rows"`` install (and prefetched rows). buffers: per field [C, ...] (donated: in place); smap int32 [E]:
-    the device expert→slot map; idx int32 [4, M]: target slots (row 0) and the map update (rows 1–3,
-    ``_update_map``); rows: M uint8 expert rows [expert_nbytes]; ids: None or routed ids int [T, k]. Returns (buffers,
-    updated map, slot ids of ``ids`` under it or None)."""
+def _install(buffers, slots, rows, *, specs: tuple[FieldSpec, ...]):
+    """buffers: per field [C, ...]; slots int32 [M]; rows: M uint8 expert rows [expert_nbytes]. In place."""
     new = split_rows(specs, jnp.stack(rows))
-    smap = _update_map(smap, idx[1:])
-    return tuple(b.at[idx[0]].set(n) for b, n in zip(buffers, new)), smap, _slots_of(smap, ids)
+    return tuple(b.at[slots].set(n) for b, n in zip(buffers, new))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("specs",))
-def _gather_install(buffers, smap, stacked, idx, ids, *, specs: tuple[FieldSpec, ...]):
-    """The ``"stacked-jit"`` miss path in one program. buffers: per field [C, ...] (donated: in place); smap, ids:
-    as ``_install``; stacked: the layer's host bank uint8 [E, expert_nbytes]; idx int32 [5, M]: expert ids (row 0)
-    and target slots (row 1; slot C marks a padded entry: its row is copied, then dropped by the scatter, so no slot
-    changes), then the map update (rows 2–4). One host array: the call's only host→device argument."""
+def _gather_install(buffers, stacked, idx, *, specs: tuple[FieldSpec, ...]):
+    """The ``"stacked-jit"`` miss path in one program. buffers: per field [C, ...] (donated: in place); stacked: the
+    layer's host bank uint8 [E, expert_nbytes]; idx int32 [2, M]: expert ids (row 0) and target slots (row 1; slot C
+    marks a padded entry: its row is copied, then dropped by the scatter, so no slot changes)."""
     new = split_rows(specs, gather_host_rows(stacked, idx[0]))
-    smap = _update_map(smap, idx[2:])
-    return tuple(b.at[idx[1]].set(n, mode="drop") for b, n in zip(buffers, new)), smap, _slots_of(smap, ids)
+    return tuple(b.at[idx[1]].set(n, mode="drop") for b, n in zip(buffers, new))
 
 
 class LayerCache:
@@ -116,8 +99,6 @@ class LayerCache:
         self.slot_of: dict[int, int] = {}
         self.free = list(range(slots))
         self._smap = np.full(bank.n_experts, -1, np.int32)  # slot_of as an array, updated in place by ensure
-        # the same map on the device, updated inside each install program (no host→device put of its own)
-        self.dev_smap = jax.device_put(self._smap, bank.device_sharding)
         self.buffers = tuple(bank.empty_slots(slots))
         self._specs = tuple(bank.specs)  # static argument of the install
         self.stats = LayerStats()
@@ -160,11 +141,8 @@ class LayerCache:
             self.stats.bytes_moved += (len(want) + pad) * self.bank.expert_nbytes
         return len(want)
 
-    def ensure(self, experts: Sequence[int], ids: jax.Array | None = None) -> jax.Array | None:
-        """One access step: make all ``experts`` (distinct, ≤ C) resident at once. ids: the step's routed ids int
-        [T, k] on the device, or None. Returns, when the step installed anything and ``ids`` was given, their slot
-        ids int32 [T, k] on the device under the new map (computed by the install program); else None (no install:
-        the map, host and device, is unchanged)."""
+    def ensure(self, experts: Sequence[int]) -> None:
+        """One access step: make all ``experts`` (distinct, ≤ C) resident at once."""
         r = self.policy.access(experts)
         st, smap = self.stats, self._smap
         st.steps += 1
@@ -174,28 +152,21 @@ class LayerCache:
             self.free.append(self.slot_of.pop(e))
             smap[e] = -1
         if not r.misses:
-            return None
+            return
         self.version += 1
         slots = [self.free.pop() for _ in r.misses]
         for e, s in zip(r.misses, slots):
             self.slot_of[e] = s
             smap[e] = s
-        ev = list(r.evicted)  # the device map's update (evictions, installs) rides on the install programs
         staged = [e for e in r.misses if e in self._staged]
         cold = [e for e in r.misses if e not in self._staged]
         self.stats.prefetched += len(staged)
         if self.bank.transfer == "stacked-jit":
-            out = None
-            # each program applies its own installs and up to as many evictions (evictions ≤ misses)
-            cut = len(staged) if cold else len(ev)
             if staged:  # prefetched rows are already on the device: the rows install
-                s_slots = [self.slot_of[e] for e in staged]
-                out = self._install(staged, s_slots, {e: self._staged.pop(e) for e in staged},
-                                    (ev[:cut], staged, s_slots), None if cold else ids)
+                self._install(staged, [self.slot_of[e] for e in staged], {e: self._staged.pop(e) for e in staged})
             if cold:
-                c_slots = [self.slot_of[e] for e in cold]
-                out = self._gather_install(cold, c_slots, (ev[cut:] if staged else ev, cold, c_slots), ids)
-            return out
+                self._gather_install(cold, [self.slot_of[e] for e in cold])
+            return
         t0 = time.perf_counter()
         fetched = dict(zip(cold, self.bank.fetch(cold)))
         if cold:
@@ -208,27 +179,17 @@ class LayerCache:
             dt = time.perf_counter() - t0
             self.stats.transfer_s += dt
             self.stats.wait_s += dt
-        return self._install(list(r.misses), slots, fetched, (ev, list(r.misses), slots), ids)
+        self._install(list(r.misses), slots, fetched)
 
-    def _map_rows(self, upd, n: int) -> list[list[int]]:
-        """The map update (evicted, installed, their slots) as 3 rows of length n, padded with E (dropped)."""
-        e = self.bank.n_experts
-        if upd is None:
-            return [[e] * n] * 3
-        return [r + [e] * (n - len(r)) for r in (list(upd[0]), list(upd[1]), list(upd[2]))]
-
-    def _gather_install(self, experts, slots, upd, ids):
-        """Stacked-jit: copy and install ``experts`` into ``slots`` and apply the map update ``upd`` in one call
-        (padded to ``transfer_length``). Returns the program's slot ids of ``ids`` (or None)."""
+    def _gather_install(self, experts, slots):
+        """Stacked-jit: copy and install ``experts`` into ``slots`` in one call (padded to ``transfer_length``)."""
         if max(experts) >= self.bank.n_experts or min(experts) < 0:
             self.bank._check_ids(experts)  # raises, naming the id
         m = len(experts)
         n = transfer_length(m, self.slots)
-        idx = np.array([experts + [experts[-1]] * (n - m), slots + [self.slots] * (n - m),
-                        *self._map_rows(upd, n)], np.int32)
+        idx = np.array([experts + [experts[-1]] * (n - m), slots + [self.slots] * (n - m)], np.int32)
         t0 = time.perf_counter()
-        self.buffers, self.dev_smap, out = _gather_install(self.buffers, self.dev_smap, self.bank.stacked, idx, ids,
-                                                           specs=self._specs)
+        self.buffers = _gather_install(self.buffers, self.bank.stacked, idx, specs=self._specs)
         self.stats.transfers += 1
         self.stats.pad_rows += n - m
         self.stats.bytes_moved += n * self.bank.expert_nbytes
@@ -237,40 +198,30 @@ class LayerCache:
             dt = time.perf_counter() - t0
             self.stats.transfer_s += dt
             self.stats.wait_s += dt
-        return out
 
-    def _install(self, misses, slots, fetched, upd, ids):
+    def _install(self, misses, slots, fetched):
         m = len(misses)
         pad = (1 << (m - 1).bit_length()) - m  # pad M to a power of two (repeat the last pair) to bound retraces
         order = misses + [misses[-1]] * pad
-        idx = np.array([slots + [slots[-1]] * pad, *self._map_rows(upd, m + pad)], np.int32)  # moved by the dispatch
-        self.buffers, self.dev_smap, out = _install(self.buffers, self.dev_smap, idx,
-                                                    tuple(fetched[e] for e in order), ids, specs=self._specs)
-        return out
+        idx = np.array(slots + [slots[-1]] * pad, np.int32)  # host: moved by the jit dispatch (``ExpertsFn``)
+        self.buffers = _install(self.buffers, idx, tuple(fetched[e] for e in order), specs=self._specs)
 
-    def precompile(self, ids_shape: tuple[int, int] | None = None) -> None:
+    def precompile(self) -> None:
         """Compile the install scatter for every padded miss count (powers of two ≤ C) before timing, and with
         ``"stacked-jit"`` the gather-install for every ``transfer_lengths(C)`` (all entries aimed at the padding
-        slot C: dropped, nothing changes); only on an empty cache (the rows install writes zeros into the slots).
-        ids_shape: also compile the variants that return slot ids of routed ids int32 [T, k] (what ``cached_moe``
-        asks for with device ids)."""
+        slot C: dropped, nothing changes); only on an empty cache (the rows install writes zeros into the slots)."""
         if self.slot_of:
             raise ValueError("precompile() needs an empty cache")
         zero = jax.device_put(np.zeros(self.bank.expert_nbytes, np.uint8), self.bank.device_sharding)
-        variants = [None] + ([jnp.zeros(ids_shape, jnp.int32)] if ids_shape is not None else [])
-        for ids in variants:
-            m = 1
-            while m <= self.slots:
-                idx = np.asarray([np.arange(m), *self._map_rows(None, m)], np.int32)
-                self.buffers, self.dev_smap, _ = _install(self.buffers, self.dev_smap, idx, (zero,) * m, ids,
-                                                          specs=self._specs)
-                m *= 2
-            if self.bank.transfer == "stacked-jit":
-                for n in transfer_lengths(self.slots):
-                    idx = np.asarray([np.arange(n) % self.bank.n_experts, np.full(n, self.slots),
-                                      *self._map_rows(None, n)], np.int32)
-                    self.buffers, self.dev_smap, _ = _gather_install(self.buffers, self.dev_smap, self.bank.stacked,
-                                                                     idx, ids, specs=self._specs)
+        m = 1
+        while m <= self.slots:
+            self.buffers = _install(self.buffers, jnp.arange(m, dtype=jnp.int32), (zero,) * m,
+                                    specs=self._specs)
+            m *= 2
+        if self.bank.transfer == "stacked-jit":
+            for n in transfer_lengths(self.slots):
+                idx = np.asarray([np.arange(n) % self.bank.n_experts, np.full(n, self.slots)], np.int32)
+                self.buffers = _gather_install(self.buffers, self.bank.stacked, idx, specs=self._specs)
         jax.block_until_ready(self.buffers)
 
     def drop_staged(self) -> None:
@@ -302,23 +253,20 @@ def plan_groups(ids: np.ndarray, slots: int) -> list[np.ndarray]:
 
 
 ExpertsFn = Callable[[jax.Array, jax.Array, jax.Array, dict], jax.Array]
-"""(x [T, D], slot ids int32 [T, k], weights [T, k], slot-buffer weight dict) -> [T, D]. ``cached_moe`` passes
-slot ids that are already on the device where it can (the caller's ``dev_slots`` when nothing was installed, else
-the ones the install program computed): a host→device move of a few bytes costs 0.15–0.28 ms on the H200 machine's
-host (``results/diag_offload_host_h200.jsonl``: ``cmp_rdy_ms`` − ``cmp_dev_ms``), more than the routed FFN itself.
-Only an overflow step (several token groups) passes host numpy ids, moved by the jit dispatch."""
+"""(x [T, D], slot ids int32 [T, k], weights [T, k], slot-buffer weight dict) -> [T, D]. ``cached_moe`` passes the slot
+ids as a host numpy array: a jitted function moves it in its C++ dispatch path (a separate ``jnp.asarray`` costs
+tens of µs of host time per layer, while the device idles in the per-layer path); same dtype and shape, so the same
+compiled program runs."""
 
 
 def cached_moe(cache: LayerCache, x: jax.Array, ids, weights: jax.Array,
                experts_fn: ExpertsFn = routed_experts, *, host_ids: np.ndarray | None = None,
-               before_compute: Callable[[], object] | None = None, dev_slots: jax.Array | None = None) -> jax.Array:
+               before_compute: Callable[[], object] | None = None) -> jax.Array:
     """Routed experts of one layer through ``cache``; equal to ``experts_fn(x, ids, weights, all_resident)``.
 
     x [T, D]; ids int [T, k] (device or host); weights [T, k]. ``host_ids`` skips the device→host read when the
     caller already has the ids on the host. ``before_compute`` runs once after the first group's misses are issued
     and before any expert compute is dispatched (the prefetch hook: transfers issued there overlap the compute).
-    dev_slots: int32 [T, k] on the device, the slots of ``ids`` under ``cache.dev_smap`` as it was before this call
-    (absent → any slot): used when the step installs nothing (then every id was resident under that map).
     """
     if host_ids is None:
         t0 = time.perf_counter()
@@ -334,13 +282,10 @@ def cached_moe(cache: LayerCache, x: jax.Array, ids, weights: jax.Array,
     union = list(dict.fromkeys(flat))  # first-seen order, as the group loop below would list them
     if len(union) <= cache.slots:  # one group of every token (what plan_groups returns then): the decode case
         cache.stats.groups += 1
-        version = cache.version
-        sid = cache.ensure(union, ids if isinstance(ids, jax.Array) else None)
-        if sid is None:  # installed nothing (map unchanged: the caller's device slots hold), or ids were host-side
-            sid = dev_slots if dev_slots is not None and cache.version == version else cache.slot_ids(host_ids)
+        cache.ensure(union)
         if before_compute is not None:
             before_compute()
-        return experts_fn(x, sid, weights, cache.weights())
+        return experts_fn(x, cache.slot_ids(host_ids), weights, cache.weights())
     groups = plan_groups(host_ids, cache.slots)
     cache.stats.groups += len(groups)
     y = None

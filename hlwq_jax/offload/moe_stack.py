@@ -136,6 +136,7 @@ class OffloadedMoE:
         self.spec = SpecStats()
         self._pending: list[tuple[int, list[int]]] = []  # accepted all-hit access steps not yet given to policies
         self._smaps: tuple[tuple | None, jax.Array | None] = (None, None)  # cache versions, device maps [L, E]
+        self._smap: list[tuple[int, jax.Array] | None] = [None] * len(self.caches)  # per layer (version, [E])
 
     def _read(self, tree, cache: LayerCache | None = None):
         t0 = time.perf_counter()
@@ -210,15 +211,15 @@ class OffloadedMoE:
         return self._smaps[1]
 
     def device_slot_map(self, l: int) -> jax.Array:
-        """int32 [E] expert→slot map of layer ``l`` on the device (−1: absent): ``LayerCache.dev_smap``, kept current
-        by the install programs themselves (no host→device put)."""
-        return self.caches[l].dev_smap
+        """int32 [E] expert→slot map of layer ``l`` on the device (−1: absent); re-sent only after a change."""
+        cache, got = self.caches[l], self._smap[l]
+        if got is None or got[0] != cache.version:
+            got = self._smap[l] = (cache.version, jax.device_put(cache.slot_map(), cache.bank.device_sharding))
+        return got[1]
 
     def routed(self, l: int, h: jax.Array, ids: jax.Array, weights: jax.Array, *, next_ids: jax.Array | None = None,
-               trace: tuple[str, str, int] | None = None, slots: jax.Array | None = None) -> jax.Array:
-        """Routed experts of MoE layer ``l`` (float32 [T, D]); ``trace=(prompt, phase, pos0)`` records routing.
-        slots: the routed ids' slots under ``device_slot_map(l)`` as of the caller's dispatch (``cached_moe``'s
-        ``dev_slots``)."""
+               trace: tuple[str, str, int] | None = None) -> jax.Array:
+        """Routed experts of MoE layer ``l`` (float32 [T, D]); ``trace=(prompt, phase, pos0)`` records routing."""
         self.apply_pending()
         cache = self.caches[l]
         want_w = self.recorder is not None and trace is not None
@@ -231,8 +232,7 @@ class OffloadedMoE:
         if host_next is not None and l + 1 < len(self.caches):
             nxt = self.caches[l + 1]
             before = lambda: nxt.prefetch(host_next.reshape(-1).tolist())  # noqa: E731
-        return cached_moe(cache, h, ids, weights, self.experts_fn, host_ids=host_ids, before_compute=before,
-                          dev_slots=slots)
+        return cached_moe(cache, h, ids, weights, self.experts_fn, host_ids=host_ids, before_compute=before)
 
     def stats(self) -> list[LayerStats]:
         self.apply_pending()

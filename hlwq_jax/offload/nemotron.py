@@ -17,11 +17,10 @@ code per routed id (the id, or ``~id`` where the expert was absent) and ONE host
 the forward. First miss at MoE layer s: segments 0..s ran on exact inputs and are kept (their states and outputs
 are device arrays the chain holds), layers < s get their all-hit policy steps, and the forward resumes on the
 per-layer path at layer s (installs its misses) — the work after s is discarded. Every path runs the same
-``_segment`` executable (the all-resident model passes an identity slot map) and the routed call receives int32
-[T, k] slot ids on the device either way (the segment's when the layer installed nothing, else the ones its install
-program computed: no host→device move of ids on the per-layer path either), so every call of an accepted chain is
-the same executable on the same inputs as on the per-layer path: the logits are equal bit for bit by construction,
-on any backend (an earlier one-jit pass was exact on the CPU only: XLA GPU compiled it differently).
+``_segment`` executable (the others pass an identity slot map and ignore the slot ids) and the routed call receives
+int32 [T, k] slot ids either way (from the segment here, from the host in ``cached_moe``), so every call of an
+accepted chain is the same executable on the same inputs as on the per-layer path: the logits are equal bit for bit
+by construction, on any backend (an earlier one-jit pass was exact on the CPU only: XLA GPU compiled it differently).
 Cost beyond the all-resident segmented forward: one small call (the codes) per token, and the host read. On the
 H200's host every jitted call costs ~0.1 ms to dispatch and these loops are host-bound, so the call count matters
 (with a separate slot-lookup call per layer the no-miss chain ran measurably slower; results/README.md).
@@ -70,9 +69,9 @@ def _segment(config, kinds: tuple[str, ...], final: bool, p: dict, states: tuple
     {"norm", "router", "router_bias", "shared"?}, "norm_f"?, "head"?}. pending: None or (routed f32 [N, D], shared
     [N, D] | None) of the previous MoE layer. x: tokens int32 [B, T] (first segment) or hidden [B, T, D].
     "next_router" (prefetch): the following MoE layer's {"router", "router_bias"}, applied to this layer's h.
-    smap: int32 [E] expert→slot map (−1 absent) giving the returned slot ids (absent → slot 0); the cached paths
-    pass the layer's device map (``OffloadedMoE.device_slot_map``), the all-resident model its identity map (one
-    executable on every path)."""
+    smap: int32 [E] expert→slot map (−1 absent) giving the returned slot ids (absent → slot 0); the speculative
+    chain passes the layer's cache map, every other caller the model's identity map (one executable on every
+    path)."""
     eps = config.layer_norm_epsilon
     if "emb" in p:
         x = jnp.take(p["emb"], x, axis=0)
@@ -128,7 +127,7 @@ class OffloadedNemotronH:
             if len(banks) != len(moe_idx):
                 raise ValueError(f"offloaded Nemotron-H: {len(banks)} banks for {len(moe_idx)} MoE layers")
             self.moe = OffloadedMoE(banks, offload, routed_experts, recorder)
-        self._identity = jnp.arange(config.n_routed_experts, dtype=jnp.int32)  # the all-resident model's smap
+        self._identity = jnp.arange(config.n_routed_experts, dtype=jnp.int32)  # the smap of non-chain segments
         self._skip = self._backoff = 0  # speculative backoff: tokens left on the per-layer path, current length
         head = params["embeddings"] if config.tie_word_embeddings else params["lm_head"]
         bounds = [-1] + moe_idx + [len(kinds)]
@@ -265,8 +264,8 @@ class OffloadedNemotronH:
         self._after_chain(stop == n_moe)
         if stop == n_moe:
             return outs[-1][0], True
-        x, _, h, ids, w, shared, predicted, slots = outs[stop]
-        pending = (moe.routed(stop, h, ids, w, next_ids=predicted, trace=tr, slots=slots), shared)
+        x, _, h, ids, w, shared, predicted, _ = outs[stop]
+        pending = (moe.routed(stop, h, ids, w, next_ids=predicted, trace=tr), shared)
         return self._layers_from(stop + 1, x, pending, states, tr), False
 
     def _layers_from(self, start: int, x, pending, states: list, tr):
@@ -275,20 +274,20 @@ class OffloadedNemotronH:
         (routed, shared) outputs. Updates ``states`` in place; returns the logits."""
         for j in range(start, len(self.segments)):
             kinds, idx, final, p = self.segments[j]
-            smap = None if final else self._identity if self.moe is None else self.moe.device_slot_map(j)
-            out = _segment(self.config, kinds, final, p, tuple(states[i] for i in idx), x, pending, smap)
+            out = _segment(self.config, kinds, final, p, tuple(states[i] for i in idx), x, pending,
+                           None if final else self._identity)
             for i, s in zip(idx, out[1]):
                 states[i] = s
             if final:
                 logits = out[0]
                 break
-            x, _, h, ids, w, shared, predicted, slots = out
+            x, _, h, ids, w, shared, predicted, _ = out
             if self.moe is None:
                 if tr is not None and self.recorder is not None:
                     self.recorder.record(*tr, j, np.asarray(ids), np.asarray(w))
                 pending = (routed_experts(h, ids, w, self.resident[j]), shared)
             else:
-                pending = (self.moe.routed(j, h, ids, w, next_ids=predicted, trace=tr, slots=slots), shared)
+                pending = (self.moe.routed(j, h, ids, w, next_ids=predicted, trace=tr), shared)
         if self.moe is not None:
             self.moe.end_step()
         return logits

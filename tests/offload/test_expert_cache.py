@@ -318,27 +318,16 @@ def test_padded_stacked_install_touches_exactly_the_intended_slots(monkeypatch):
 
     sentinel = [jnp.asarray(rng.integers(0, 2**16, (c, *s.shape), np.uint16), jnp.bfloat16) for s in bank.specs]
     before = slot_bytes(sentinel)
-    # 3 real entries, 2 padded; map update: evict 4 (was in slot 5), install 7, 2, 19 (padding: expert e2, dropped)
-    idx = np.asarray([[7, 2, 19, 2, 2], [5, 0, 11, c, c], [4, e2, e2, e2, e2], [7, 2, 19, e2, e2],
-                      [5, 0, 11, 0, 0]], np.int32)
-    smap = np.full(e2, -1, np.int32)
-    smap[4], smap[9] = 5, 3
-    ids = jnp.asarray([[19, 9], [7, 2]], jnp.int32)
-    bufs, new_map, slots = X._gather_install(tuple(sentinel), jnp.asarray(smap), bank.stacked, idx, ids,
-                                             specs=tuple(bank.specs))
-    after = slot_bytes(bufs)
+    idx = np.asarray([[7, 2, 19, 2, 2], [5, 0, 11, c, c]], np.int32)  # 3 real entries, 2 padded
+    after = slot_bytes(X._gather_install(tuple(sentinel), bank.stacked, idx, specs=tuple(bank.specs)))
     for s in range(c):
         expect = {5: want[7], 0: want[2], 11: want[19]}.get(s, before[s])
         np.testing.assert_array_equal(after[s], expect, f"slot {s}")
-    want_map = np.full(e2, -1, np.int32)
-    want_map[[9, 7, 2, 19]] = [3, 5, 0, 11]
-    np.testing.assert_array_equal(np.asarray(new_map), want_map)
-    np.testing.assert_array_equal(np.asarray(slots), [[11, 3], [5, 0]])
 
     calls, puts, real, real_put = [], [], X._gather_install, jax.device_put
     cache = LayerCache(bank, c)
     monkeypatch.setattr(X, "_gather_install",
-                        lambda b, m, st_, i, ids, **kw: calls.append(np.array(i)) or real(b, m, st_, i, ids, **kw))
+                        lambda b, st_, i, **kw: calls.append(np.array(i)) or real(b, st_, i, **kw))
 
     def put(x, *a, **kw):  # count host-level calls only, not the traced in-jit ones
         if not isinstance(x, jax.core.Tracer):
