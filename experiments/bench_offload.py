@@ -62,8 +62,14 @@ Noise: the segmented loops are host-dispatch-heavy, and on the H200's host their
 runs; ``resident_repeats`` times the all-resident baselines and the no-miss rows that many times (fresh caches each
 time) and reports the median (``ms_per_token_repeats`` holds all); the first transfer path's no-miss repeats are each
 preceded by a timing of the restricted all-resident loop, and their ``resident_over_cached`` is the median of those
-paired ratios (``paired_resident_ms``, ``paired_ratios``). Every timed row also carries ``host_ms_per_token``:
-host time until the decode loop returned, before waiting for the device (≈ ms/token: host-bound).
+paired ratios (``paired_resident_ms``, ``paired_ratios``), with ``ratio_ci95``: a percentile-bootstrap 95% interval of
+that median (``median_ci``; null under 3 pairs). Decode rows: ``decode_repeats`` timings (fresh caches each), the
+median run reported; with ``paired_decode`` each is preceded by a no-miss run of the same loop at the SAME cache size
+(restricted routing, preloaded, checked miss-free), and ``eff_ms_per_miss_paired`` is the median over repeats of
+(decode − its no-miss) / misses per token (``eff_ms_per_miss_pairs``, ``paired_nomiss_ms``, and its ``_ci95``) — the
+per-miss cost with the host's drift between rows cancelled, where ``eff_ms_per_miss`` subtracts the one no-miss row of
+the smallest C timed minutes earlier. Every timed row also carries ``host_ms_per_token``: host time until the decode
+loop returned, before waiting for the device (≈ ms/token: host-bound).
 
 Each run appends JSON lines (resolved config, git SHA, jax version, device, metrics) to ``--out``. Every cached run
 checks that its outputs equal the all-resident reference bit for bit (``exact``). Derived: effective cost per miss = (ms/token at cache C −
@@ -126,6 +132,8 @@ class BenchConfig:
     q_block: int = 128
     replay_policies: tuple[str, ...] = P.POLICIES
     resident_repeats: int = 1  # all-resident and no-miss rows: timed this many times, median reported (noisy loops)
+    decode_repeats: int = 1  # decode rows: timed this many times (fresh caches), the median run reported
+    paired_decode: bool = False  # before each decode repeat, a no-miss run at the same C: paired per-miss estimates
     seed: int = 0
 
     @classmethod
@@ -166,6 +174,17 @@ def time_run(run, warmup: int, tokens: int, at_warm=None, timing: dict | None = 
     if timing is not None:
         timing["host_ms_per_token"] = (t1 - t0) * 1e3 / tokens
     return ms, [np.asarray(o) for o in outs]
+
+
+def median_ci(values, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> list[float] | None:
+    """Percentile-bootstrap interval [lo, hi] of the median of ``values`` (None for fewer than 3 values)."""
+    v = np.asarray(values, np.float64)
+    if v.size < 3:
+        return None
+    rng = np.random.default_rng(seed)
+    meds = np.median(v[rng.integers(0, v.size, (n_boot, v.size))], axis=1)
+    a = (1 - level) / 2
+    return [float(np.quantile(meds, a)), float(np.quantile(meds, 1 - a))]
 
 
 def time_resident(run, cfg):
@@ -397,25 +416,44 @@ def bench_transfer(h, cfg, precision, meta, ref, res, paired=()) -> list[dict]:
                      "ms_per_token_repeats": rep_ms, "misses": miss,
                      "exact": exact(outs, ref["restricted"]), "max_abs_diff": max_abs_diff(outs, ref["restricted"]),
                      "resident_over_cached": float(np.median(ratios)) if ratios else res / nomiss[spec],
-                     "paired_resident_ms": paired_ms, "paired_ratios": ratios,
+                     "paired_resident_ms": paired_ms, "paired_ratios": ratios, "ratio_ci95": median_ci(ratios),
                      "device_memory": mem,
                      "pinned_host_bytes": pinned, **floor, **spec_fields(spec, sp, cfg.tokens)})
         print(f"[{precision}] {transfer} cached C={c0}{' speculative' if spec else ''}, no misses ({miss}): "
               f"{nomiss[spec]:.2f} ms/tok (host {host_ms:.2f}), {sp.host_reads / cfg.tokens:.1f} host reads/tok; "
               f"resident / cached = "
               f"{rows[-1]['resident_over_cached']:.3f}"
+              + (" (95% CI {:.3f}–{:.3f})".format(*rows[-1]["ratio_ci95"]) if rows[-1]["ratio_ci95"] else "")
               + (f" (bare speculative passes: {floor['spec_pass_ms']:.2f} ms/tok)" if floor else ""), flush=True)
         del moe
     for slots, policy, prefetch, spec in ((c, p, f, s) for c in cfg.slots for p in cfg.policies for f in cfg.prefetch
                                           for s in cfg.speculative):
         if not top_k <= slots <= h.n_experts:
             continue
-        ms, outs, st, sp, mem, moe, host_ms = measure_cached(h, cfg, slots, policy, prefetch, speculative=spec)
-        del moe  # its caches hold the banks: released before the next transfer's banks are built
+        runs, base = [], []
+        for _ in range(cfg.decode_repeats):
+            if cfg.paired_decode:
+                b = measure_cached(h, cfg, slots, policy, prefetch, restricted=True, speculative=spec)
+                check_miss_free(f"[{precision}] paired C={slots}", b[2], b[3])
+                base.append(b[0])
+                del b
+            r = measure_cached(h, cfg, slots, policy, prefetch, speculative=spec)
+            runs.append(r[:5] + (None, r[6]))  # without the OffloadedMoE: its caches hold slot buffers
+            del r
+        pairs = [(r[0] - b) / (sum(x.misses for x in r[2]) / cfg.tokens) for r, b in zip(runs, base)
+                 if sum(x.misses for x in r[2])]
+        rep_ms = [r[0] for r in runs]
+        ms, outs, st, sp, mem, _, host_ms = runs[int(np.argsort(rep_ms)[len(runs) // 2])]
+        del runs  # their caches hold the banks: released before the next transfer's banks are built
         acc = sum(s.hits + s.misses for s in st)
         miss = sum(s.misses for s in st)
         mpt = miss / cfg.tokens
         cost = (ms - nomiss[spec]) / mpt if mpt else float("nan")
+        paired_fields = {"ms_per_token_repeats": rep_ms}
+        if cfg.paired_decode:
+            paired_fields.update(paired_nomiss_ms=base, eff_ms_per_miss_pairs=pairs,
+                                 eff_ms_per_miss_paired=float(np.median(pairs)) if pairs else float("nan"),
+                                 eff_ms_per_miss_paired_ci95=median_ci(pairs))
         rows.append({**meta, "kind": "decode", "bank": precision, "transfer": transfer, "slots": slots,
                      "policy": policy,
                      "prefetch": prefetch, "ms_per_token": ms, "tok_s": 1e3 / ms, "host_ms_per_token": host_ms,
@@ -426,13 +464,16 @@ def bench_transfer(h, cfg, precision, meta, ref, res, paired=()) -> list[dict]:
                      "exact": exact(outs, ref["random"]),
                      "eff_ms_per_miss": cost, "raw_pcie_ms_per_miss": RAW_PCIE_MS.get(precision),
                      "expert_bytes": ebytes, "slot_bytes": n_layers * slots * ebytes,
-                     "device_memory": mem, "pinned_host_bytes": pinned, "note": CAVEAT,
+                     "device_memory": mem, "pinned_host_bytes": pinned, "note": CAVEAT, **paired_fields,
                      **spec_fields(spec, sp, cfg.tokens)})
         r = rows[-1]
         print(f"[{precision}] {transfer} C={slots:>3} {policy}{' +prefetch' if prefetch else ''}"
               f"{' +speculative' if spec else ''}: {ms:7.2f} ms/tok "
               f"({1e3 / ms:6.1f} tok/s), hit {r['hit_rate']:.3f}, {mpt:.1f} misses/tok, {cost:.3f} ms/miss "
-              f"(raw {RAW_PCIE_MS.get(precision)}), exact={r['exact']}"
+              + (f"(paired {r['eff_ms_per_miss_paired']:.3f}"
+                 + (" CI {:.3f}–{:.3f}".format(*r["eff_ms_per_miss_paired_ci95"])
+                    if r["eff_ms_per_miss_paired_ci95"] else "") + ") " if cfg.paired_decode else "")
+              + f"(raw {RAW_PCIE_MS.get(precision)}), exact={r['exact']}"
               + (f", accepts {sp.accepts} / rollbacks {sp.rollbacks} / discarded {sp.discarded}" if spec else ""),
               flush=True)
     return rows
@@ -530,6 +571,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=("moe_only", "full"), help="override the config's model")
     ap.add_argument("--speculative", choices=("false", "true", "both"), help="override the config's speculative")
     ap.add_argument("--transfer", choices=(*TRANSFERS, "both"), help="override the config's transfer")
+    ap.add_argument("--decode-repeats", type=int, help="override the config's decode_repeats")
+    ap.add_argument("--paired-decode", action="store_true", help="set the config's paired_decode")
     ap.add_argument("--out", help="JSON-lines results file (appended; required unless --preflight-stacked)")
     ap.add_argument("--trace", help="write the routing trace (first bank precision, all tokens) here")
     ap.add_argument("--plot", help="draw tokens/s and hit rate vs cache size from --out into this PNG")
@@ -555,15 +598,19 @@ def main(argv=None) -> int:
                                   [a.speculative])
     if a.transfer:
         cfg = dataclasses.replace(cfg, transfer=TRANSFERS if a.transfer == "both" else (a.transfer,))
+    if a.decode_repeats is not None:
+        cfg = dataclasses.replace(cfg, decode_repeats=a.decode_repeats)
+    if a.paired_decode:
+        cfg = dataclasses.replace(cfg, paired_decode=True)
     if not cfg.transfer or len(set(cfg.transfer)) != len(cfg.transfer) or set(cfg.transfer) - set(TRANSFERS):
         raise ValueError(f"config: transfer must be a non-empty list of distinct names from {list(TRANSFERS)}, got "
                          f"{cfg.transfer}")
     if not cfg.speculative:
         raise ValueError(f"config: speculative must be a non-empty list of booleans, got {cfg.speculative}")
     if cfg.model not in ("moe_only", "full") or min(cfg.unique_experts, cfg.tokens, cfg.warmup,
-                                                    cfg.resident_repeats) < 1:
-        raise ValueError("config: model must be moe_only|full; unique_experts, tokens, warmup and resident_repeats "
-                         f">= 1 (got {cfg})")
+                                                    cfg.resident_repeats, cfg.decode_repeats) < 1:
+        raise ValueError("config: model must be moe_only|full; unique_experts, tokens, warmup, resident_repeats and "
+                         f"decode_repeats >= 1 (got {cfg})")
     requested = cfg
     preflight_error = run_preflight_stacked() if "stacked-jit" in cfg.transfer else None  # before JAX takes the GPU
     if preflight_error is not None:

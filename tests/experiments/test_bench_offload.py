@@ -103,6 +103,41 @@ def test_tiny_bench_full_model(tmp_path):
     assert {r.phase for r in recs} == {"prefill", "decode"}
 
 
+def test_paired_decode_rows(tmp_path):
+    """--decode-repeats 3 --paired-decode (whole tiny model): each decode row has 3 timings, each paired with a
+    no-miss run at the same C; every per-pair estimate is (decode − its no-miss) / misses per token (fresh caches
+    and fixed tokens: the same misses each repeat), the reported one their median, and the row is still exact."""
+    import numpy as np
+
+    _, rows, _, _ = bench(tmp_path, "--model", "full", "--decode-repeats", "3", "--paired-decode")
+    dec = [r for r in rows if r["kind"] == "decode"]
+    assert len(dec) == 4
+    for r in dec:
+        assert r["exact"] and len(r["ms_per_token_repeats"]) == 3 and len(r["paired_nomiss_ms"]) == 3
+        assert r["ms_per_token"] == sorted(r["ms_per_token_repeats"])[1]
+        want = [(m - b) / r["misses_per_token"] for m, b in zip(r["ms_per_token_repeats"], r["paired_nomiss_ms"])]
+        np.testing.assert_allclose(r["eff_ms_per_miss_pairs"], want, rtol=1e-12)
+        assert r["eff_ms_per_miss_paired"] == pytest.approx(float(np.median(want)))
+        lo, hi = r["eff_ms_per_miss_paired_ci95"]
+        assert min(want) <= lo <= r["eff_ms_per_miss_paired"] <= hi <= max(want)
+
+
+def test_median_ci():
+    """Bootstrap interval of a median: None under 3 values; a constant sample gives a point; otherwise the interval
+    lies within the sample's range and holds the sample median; more data, a narrower interval."""
+    import numpy as np
+    from experiments.bench_offload import median_ci
+
+    assert median_ci([1.0, 2.0]) is None
+    assert median_ci([0.9] * 5) == [0.9, 0.9]
+    rng = np.random.default_rng(0)
+    small, big = rng.normal(1.0, 0.2, 7), rng.normal(1.0, 0.2, 200)
+    for v in (small, big):
+        lo, hi = median_ci(v)
+        assert v.min() <= lo <= np.median(v) <= hi <= v.max()
+    assert np.diff(median_ci(big)) < np.diff(median_ci(small))
+
+
 def test_speculative_config(tmp_path):
     """Default keeps the per-layer path and the stacked-jit transfer; the H200 configs sweep both speculative modes,
     the spec config both transfers; an empty speculative list and unknown transfers are refused."""
