@@ -386,6 +386,31 @@ def bench_precision(cfg, precision, key, meta, recorder, failed: list):
         gc.collect()
 
 
+def time_decode(h, cfg, precision, slots, policy, prefetch, spec):
+    """``cfg.decode_repeats`` decode timings (fresh caches each), each after a no-miss run at the same C when
+    ``cfg.paired_decode`` (module docstring). Returns (the median run's (ms/token, outputs, per-layer stats,
+    SpecStats, device memory, host ms/token), row fields: ``ms_per_token_repeats`` and the paired estimates)."""
+    runs, base = [], []
+    for _ in range(cfg.decode_repeats):
+        if cfg.paired_decode:
+            b = measure_cached(h, cfg, slots, policy, prefetch, restricted=True, speculative=spec)
+            check_miss_free(f"[{precision}] paired C={slots}", b[2], b[3])
+            base.append(b[0])
+            del b
+        r = measure_cached(h, cfg, slots, policy, prefetch, speculative=spec)
+        runs.append(r[:5] + r[6:])  # without the OffloadedMoE: its caches hold the banks (released before the
+        del r                       # next transfer's banks are built)
+    rep_ms = [r[0] for r in runs]
+    fields = {"ms_per_token_repeats": rep_ms}
+    if cfg.paired_decode:
+        pairs = [(r[0] - b) / (sum(x.misses for x in r[2]) / cfg.tokens) for r, b in zip(runs, base)
+                 if sum(x.misses for x in r[2])]
+        fields.update(paired_nomiss_ms=base, eff_ms_per_miss_pairs=pairs,
+                      eff_ms_per_miss_paired=float(np.median(pairs)) if pairs else float("nan"),
+                      eff_ms_per_miss_paired_ci95=median_ci(pairs))
+    return runs[int(np.argsort(rep_ms)[len(runs) // 2])], fields
+
+
 def bench_transfer(h, cfg, precision, meta, ref, res, paired=()) -> list[dict]:
     """The no-miss and decode rows of one bank precision on ``h``'s current transfer path (``ref``: reference outputs
     per routing; ``res``: resident ms/token with restricted routing; ``paired``: [the restricted all-resident run] or
@@ -430,30 +455,12 @@ def bench_transfer(h, cfg, precision, meta, ref, res, paired=()) -> list[dict]:
                                           for s in cfg.speculative):
         if not top_k <= slots <= h.n_experts:
             continue
-        runs, base = [], []
-        for _ in range(cfg.decode_repeats):
-            if cfg.paired_decode:
-                b = measure_cached(h, cfg, slots, policy, prefetch, restricted=True, speculative=spec)
-                check_miss_free(f"[{precision}] paired C={slots}", b[2], b[3])
-                base.append(b[0])
-                del b
-            r = measure_cached(h, cfg, slots, policy, prefetch, speculative=spec)
-            runs.append(r[:5] + (None, r[6]))  # without the OffloadedMoE: its caches hold slot buffers
-            del r
-        pairs = [(r[0] - b) / (sum(x.misses for x in r[2]) / cfg.tokens) for r, b in zip(runs, base)
-                 if sum(x.misses for x in r[2])]
-        rep_ms = [r[0] for r in runs]
-        ms, outs, st, sp, mem, _, host_ms = runs[int(np.argsort(rep_ms)[len(runs) // 2])]
-        del runs  # their caches hold the banks: released before the next transfer's banks are built
+        (ms, outs, st, sp, mem, host_ms), paired_fields = time_decode(h, cfg, precision, slots, policy, prefetch,
+                                                                      spec)
         acc = sum(s.hits + s.misses for s in st)
         miss = sum(s.misses for s in st)
         mpt = miss / cfg.tokens
         cost = (ms - nomiss[spec]) / mpt if mpt else float("nan")
-        paired_fields = {"ms_per_token_repeats": rep_ms}
-        if cfg.paired_decode:
-            paired_fields.update(paired_nomiss_ms=base, eff_ms_per_miss_pairs=pairs,
-                                 eff_ms_per_miss_paired=float(np.median(pairs)) if pairs else float("nan"),
-                                 eff_ms_per_miss_paired_ci95=median_ci(pairs))
         rows.append({**meta, "kind": "decode", "bank": precision, "transfer": transfer, "slots": slots,
                      "policy": policy,
                      "prefetch": prefetch, "ms_per_token": ms, "tok_s": 1e3 / ms, "host_ms_per_token": host_ms,

@@ -33,6 +33,10 @@ import sys
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 FLAG_SETS = {
     "default": "",
     "cmdbuf_cond": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
@@ -54,113 +58,113 @@ def _emit(row: dict) -> None:
     print("ROW " + json.dumps(row), flush=True)
 
 
-def worker(small: bool, reps: int) -> None:
-    """Runs the measurements, printing one ``ROW {json}`` line per measurement as soon as it is taken."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+def _switch_install(buf, bank, ids, sl, n):
+    """buf [C, nbytes] with the first n of the rows ``ids`` of the host ``bank`` written to slots ``sl`` (n ≤ 6,
+    a device int32: ``lax.switch`` over 7 branches; branch 0 copies nothing)."""
     from hlwq_jax.offload.bank import gather_host_rows
 
+    branches = [lambda b: b] + [
+        (lambda m: lambda b: b.at[sl[:m]].set(gather_host_rows(bank, ids[:m])))(m) for m in range(1, 7)]
+    return jax.lax.switch(n, branches, buf)
+
+
+def _install(buf, bank, ids, sl):
+    from hlwq_jax.offload.bank import gather_host_rows
+
+    return buf.at[sl].set(gather_host_rows(bank, ids))
+
+
+def _time_copies(prec, bank, buf, ids_all, sl_all, reps, emit):
+    """``copy_k`` and ``switch_n`` rows (module docstring) on one slot buffer; returns the buffer."""
+    install, install_d = jax.jit(_install), jax.jit(_install, donate_argnums=(0,))
+    switch_d = jax.jit(_switch_install, donate_argnums=(0,))
+    got = np.asarray(install(buf, bank, ids_all[:2], sl_all[:2]))  # correctness once: rows land where asked
+    ok = bool((got[np.asarray(sl_all[:2])] == np.asarray(bank)[np.asarray(ids_all[:2])]).all())
+    state = {"b": buf}
+    for k in (1, 2, 4, 6):
+        def step(k=k):
+            state["b"] = install_d(state["b"], bank, ids_all[:k], sl_all[:k])
+            state["b"].block_until_ready()
+
+        step()
+        ms = _time(step, reps)
+        emit({"what": "copy_k", "bank": prec, "k": k, "ms": ms, "ms_per_row": ms / k, "rows_ok": ok})
+    for n in range(7):
+        def step(nn=jnp.int32(n)):
+            state["b"] = switch_d(state["b"], bank, ids_all, sl_all, nn)
+            state["b"].block_until_ready()
+
+        step()
+        emit({"what": "switch_n", "bank": prec, "n": n, "ms": _time(step, reps)})
+    return state["b"]
+
+
+def _time_layers(prec, bank, nbytes, dims, ids_all, sl_all, reps, emit):
+    """``layers`` rows: a program of ``n_layers`` bf16 [1, D] × [D, F] → [F, D] MLPs, each reading its layer's slot
+    buffer, without and with a ``lax.switch`` install per layer (n = 0 or 1 rows), blocked and pipelined."""
+    n_layers, slots, d, f = dims
+    dev = jax.devices()[0]
+    rng = np.random.default_rng(1)
+    w = jax.device_put((rng.standard_normal((n_layers, d, f)) / np.sqrt(d)).astype(np.float32), dev).astype(jnp.bfloat16)
+    w2 = jax.device_put((rng.standard_normal((n_layers, f, d)) / np.sqrt(f)).astype(np.float32), dev).astype(jnp.bfloat16)
+    bufs = tuple(jax.device_put(np.zeros((slots, nbytes), np.uint8), dev) for _ in range(n_layers))
+
+    def layers(x, bufs, bank, ns, cond: bool):
+        new = []
+        for l in range(n_layers):
+            b = _switch_install(bufs[l], bank, ids_all, sl_all, ns[l]) if cond else bufs[l]
+            new.append(b)
+            dep = b[l % slots, :8].astype(jnp.bfloat16).sum() * 0  # the matmul waits for the layer's buffer
+            h = jnp.maximum(x @ w[l] + dep, 0)
+            x = x + (h @ w2[l]).astype(x.dtype)
+        return x, tuple(new)
+
+    fwd = {c: jax.jit(lambda x, bufs, bank, ns, c=c: layers(x, bufs, bank, ns, c), donate_argnums=(1,))
+           for c in (False, True)}
+    x0 = jnp.ones((1, d), jnp.bfloat16)
+    state = {"b": bufs}
+    for cond, n in ((False, 0), (True, 0), (True, 1)):
+        ns = jnp.full((n_layers,), n, jnp.int32)
+
+        def one(cond=cond, ns=ns):
+            x, state["b"] = fwd[cond](x0, state["b"], bank, ns)
+            return x
+
+        one().block_until_ready()
+        blocked = _time(lambda: one().block_until_ready(), reps)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            x = one()
+        x.block_until_ready()
+        emit({"what": "layers", "bank": prec, "cond": cond, "n": n, "layers": n_layers, "ms_blocked": blocked,
+              "ms_pipelined": 1e3 * (time.perf_counter() - t0) / 20})
+
+
+def worker(small: bool, reps: int) -> None:
+    """Runs the measurements, printing one ``ROW {json}`` line per measurement as soon as it is taken."""
     dev = jax.devices()[0]
     host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
     n_rows, slots, n_layers, d, f = (16, 8, 23, 2688, 1856) if not small else (8, 4, 3, 64, 32)
     sizes = {"bf16": 2 * 9_977_856, "q5": 6_391_938} if not small else {"bf16": 4096, "q5": 1312}
     t_start = time.perf_counter()
 
-    def out_append(row):
-        _emit({**row, "t_s": round(time.perf_counter() - t_start, 2)})
+    def emit(row):
+        _emit({**row, "t_s": round(time.perf_counter() - t_start, 2), "jax": jax.__version__,
+               "device": dev.device_kind})
 
-    @jax.jit
-    def install(buf, bank, ids, sl):
-        return buf.at[sl].set(gather_host_rows(bank, ids))
+    def stage(what):  # progress, shown when a worker fails or hangs
+        print(f"stage {what} t={time.perf_counter() - t_start:.1f}s", flush=True)
 
-    install_d = jax.jit(install.__wrapped__, donate_argnums=(0,))
-
-    def switch_install(buf, bank, ids, sl, n):
-        branches = [lambda b: b] + [
-            (lambda m: lambda b: b.at[sl[:m]].set(gather_host_rows(bank, ids[:m])))(m) for m in range(1, 7)]
-        return jax.lax.switch(n, branches, buf)
-
-    switch_d = jax.jit(switch_install, donate_argnums=(0,))
-
+    ids_all = jnp.arange(6, dtype=jnp.int32) + 3
+    sl_all = jnp.arange(6, dtype=jnp.int32) % slots
     for prec, nbytes in sizes.items():
-        print(f"stage {prec} setup t={time.perf_counter() - t_start:.1f}s", flush=True)
+        stage(f"{prec} copies")
         bank = jax.device_put(np.random.default_rng(0).integers(0, 255, (n_rows, nbytes), np.uint8), host)
-        buf = jax.device_put(np.zeros((slots, nbytes), np.uint8), dev)
-        ids_all = jnp.arange(6, dtype=jnp.int32) + 3
-        sl_all = jnp.arange(6, dtype=jnp.int32) % slots
-        # correctness once: the rows landed where asked
-        got = np.asarray(install(buf, bank, ids_all[:2], sl_all[:2]))
-        want = np.asarray(bank)[np.asarray(ids_all[:2])]
-        ok = bool((got[np.asarray(sl_all[:2])] == want).all())
-        for k in (1, 2, 4, 6):
-            ids, sl = ids_all[:k], sl_all[:k]
-            state = {"b": buf}
-
-            def step():
-                state["b"] = install_d(state["b"], bank, ids, sl)
-                state["b"].block_until_ready()
-
-            step()
-            ms = _time(step, reps)
-            buf = state["b"]
-            out_append({"what": "copy_k", "bank": prec, "k": k, "ms": ms, "ms_per_row": ms / k, "rows_ok": ok})
-        print(f"stage {prec} switch t={time.perf_counter() - t_start:.1f}s", flush=True)
-        for n in range(7):
-            state = {"b": buf}
-            nn = jnp.int32(n)
-
-            def step():
-                state["b"] = switch_d(state["b"], bank, ids_all, sl_all, nn)
-                state["b"].block_until_ready()
-
-            step()
-            ms = _time(step, reps)
-            buf = state["b"]
-            out_append({"what": "switch_n", "bank": prec, "n": n, "ms": ms})
+        buf = _time_copies(prec, bank, jax.device_put(np.zeros((slots, nbytes), np.uint8), dev), ids_all, sl_all,
+                           reps, emit)
         del buf
-
-        print(f"stage {prec} layers t={time.perf_counter() - t_start:.1f}s", flush=True)
-        # a 23-layer program: per layer a bf16 [1, D] x [D, F] matmul that depends on the layer's slot buffer
-        w = jax.device_put(np.random.default_rng(1).standard_normal((n_layers, d, f)).astype(np.float32) / np.sqrt(d),
-                           dev).astype(jnp.bfloat16)
-        w2 = jax.device_put(np.random.default_rng(2).standard_normal((n_layers, f, d)).astype(np.float32) / np.sqrt(f),
-                            dev).astype(jnp.bfloat16)
-        bufs = tuple(jax.device_put(np.zeros((slots, nbytes), np.uint8), dev) for _ in range(n_layers))
-
-        def layers(x, bufs, bank, ns, cond: bool):
-            new = []
-            for l in range(n_layers):
-                b = bufs[l]
-                if cond:
-                    b = switch_install(b, bank, ids_all, sl_all, ns[l])
-                new.append(b)
-                dep = b[l % slots, :8].astype(jnp.bfloat16).sum() * 0
-                h = jnp.maximum(x @ w[l] + dep, 0)
-                x = x + (h @ w2[l]).astype(x.dtype)
-            return x, tuple(new)
-
-        fwd = {c: jax.jit(lambda x, bufs, bank, ns, c=c: layers(x, bufs, bank, ns, c), donate_argnums=(1,))
-               for c in (False, True)}
-        x0 = jnp.ones((1, d), jnp.bfloat16)
-        for cond, n in ((False, 0), (True, 0), (True, 1)):
-            ns = jnp.full((n_layers,), n, jnp.int32)
-            state = {"b": bufs}
-
-            def one():
-                x, state["b"] = fwd[cond](x0, state["b"], bank, ns)
-                return x
-
-            one().block_until_ready()
-            blocked = _time(lambda: one().block_until_ready(), reps)
-            t0 = time.perf_counter()
-            for _ in range(20):
-                x = one()
-            x.block_until_ready()
-            piped = 1e3 * (time.perf_counter() - t0) / 20
-            bufs = state["b"]
-            out_append({"what": "layers", "bank": prec, "cond": cond, "n": n, "layers": n_layers,
-                        "ms_blocked": blocked, "ms_pipelined": piped})
+        stage(f"{prec} layers")
+        _time_layers(prec, bank, nbytes, (n_layers, slots, d, f), ids_all, sl_all, reps, emit)
 
 
 def main(argv=None) -> None:
@@ -175,10 +179,8 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args.small, args.reps)
         return
-    import jax
-    rows = []
+    rows = []  # the parent never initialises a backend (it would take the GPU's memory from the workers)
     stamp = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "jax": jax.__version__, "device": jax.devices()[0].device_kind,
              "command": "python3 experiments/diag_injit_miss.py " + " ".join(argv or sys.argv[1:])}
     for name in args.flags.split(","):
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FLAG_SETS[name]).strip())
