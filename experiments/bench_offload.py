@@ -46,7 +46,7 @@ measured in the same run). Before JAX takes the device, a subprocess runs a smal
 (``--preflight-stacked``: every padded length on a 4-slot cache, slot bytes vs numpy), so an XLA abort cannot kill the
 run. A transfer other than "rows" whose preflight, bank build or probe fails (e.g. XLA cannot compile the in-jit host
 gather on this backend) gets a probe row with ``ok: false`` and the error, is skipped, and the run exits with status 1
-after finishing the others. Rows are appended as each transfer block finishes. Expected on the H200: stacked-jit's
+after finishing the others. Rows are appended as they are measured (a time limit loses none already taken). Expected on the H200: stacked-jit's
 ``eff_ms_per_miss`` (C = 8 decode rows) and probe ``ms_per_miss`` closer to the raw PCIe time than rows' (target
 ≤ 1.3× raw: 0.165 ms per Q5 expert). Unknown until then: whether XLA GPU copies each dynamic slice of the host array
 with a DMA or reads it with a kernel over PCIe (slower per byte; compare with ``contiguous_ms_per_expert``).
@@ -380,7 +380,8 @@ def bench_precision(cfg, precision, key, meta, recorder, failed: list):
               f"{probe['ms_per_miss']:.3f} ms/miss ({probe['misses_per_call']} misses per call), contiguous "
               f"device_put {probe['contiguous_ms_per_expert']:.3f} ms/expert, raw {RAW_PCIE_MS.get(precision)}",
               flush=True)
-        yield [{**meta, **probe}, *bench_transfer(h, cfg, precision, meta, ref, res, paired)]
+        yield [{**meta, **probe}]
+        yield from bench_transfer(h, cfg, precision, meta, ref, res, paired)
         paired.clear()  # the first transfer's no-miss rows are paired; the all-resident experts are freed after them
         h.drop_resident()
         gc.collect()
@@ -411,9 +412,10 @@ def time_decode(h, cfg, precision, slots, policy, prefetch, spec):
     return runs[int(np.argsort(rep_ms)[len(runs) // 2])], fields
 
 
-def bench_transfer(h, cfg, precision, meta, ref, res, paired=()) -> list[dict]:
-    """The no-miss and decode rows of one bank precision on ``h``'s current transfer path (``ref``: reference outputs
-    per routing; ``res``: resident ms/token with restricted routing; ``paired``: [the restricted all-resident run] or
+def bench_transfer(h, cfg, precision, meta, ref, res, paired=()):
+    """The no-miss and decode rows of one bank precision on ``h``'s current transfer path, yielded one by one as
+    they are measured (one-row lists: the caller appends each, so a time limit loses none already taken; ``ref``:
+    reference outputs per routing; ``res``: resident ms/token with restricted routing; ``paired``: [the restricted all-resident run] or
     empty — if given, each no-miss repeat is preceded by a timing of it, and ``resident_over_cached`` is the median
     of the per-repeat ratios, so that slow drifts of the host's speed cancel)."""
     rows, c0, nomiss, transfer = [], min(cfg.slots), {}, h.transfer
@@ -451,6 +453,7 @@ def bench_transfer(h, cfg, precision, meta, ref, res, paired=()) -> list[dict]:
               + (" (95% CI {:.3f}–{:.3f})".format(*rows[-1]["ratio_ci95"]) if rows[-1]["ratio_ci95"] else "")
               + (f" (bare speculative passes: {floor['spec_pass_ms']:.2f} ms/tok)" if floor else ""), flush=True)
         del moe
+        yield [rows[-1]]
     for slots, policy, prefetch, spec in ((c, p, f, s) for c in cfg.slots for p in cfg.policies for f in cfg.prefetch
                                           for s in cfg.speculative):
         if not top_k <= slots <= h.n_experts:
@@ -483,7 +486,7 @@ def bench_transfer(h, cfg, precision, meta, ref, res, paired=()) -> list[dict]:
               + f"(raw {RAW_PCIE_MS.get(precision)}), exact={r['exact']}"
               + (f", accepts {sp.accepts} / rollbacks {sp.rollbacks} / discarded {sp.discarded}" if spec else ""),
               flush=True)
-    return rows
+        yield [r]
 
 
 def replay_rows(cfg, records, meta) -> list[dict]:

@@ -173,7 +173,7 @@ def test_failed_transfer_probe_is_recorded_and_skipped(monkeypatch):
         return real(h, cfg, precision)
 
     monkeypatch.setattr(B, "transfer_probe", probe)
-    monkeypatch.setattr(B, "bench_transfer", lambda h, *a: [{"kind": "decode", "transfer": h.transfer}])
+    monkeypatch.setattr(B, "bench_transfer", lambda h, *a: [[{"kind": "decode", "transfer": h.transfer}]])
     resident = (1.0, [], {"ms_per_token_repeats": [1.0], "host_ms_per_token": 1.0})
     monkeypatch.setattr(B, "time_resident", lambda *a, **kw: resident)  # resident rows: not under test here
     cfg = dataclasses.replace(B.BenchConfig.tiny(), transfer=TRANSFERS, tokens=2, warmup=1)
