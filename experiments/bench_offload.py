@@ -399,8 +399,9 @@ def time_decode(h, cfg, precision, slots, policy, prefetch, spec):
             base.append(b[0])
             del b
         r = measure_cached(h, cfg, slots, policy, prefetch, speculative=spec)
-        runs.append(r[:5] + r[6:])  # without the OffloadedMoE: its caches hold the banks (released before the
-        del r                       # next transfer's banks are built)
+        # kept without the OffloadedMoE: its caches hold the banks, released before the next transfer's are built
+        runs.append(r[:5] + r[6:])
+        del r
     rep_ms = [r[0] for r in runs]
     fields = {"ms_per_token_repeats": rep_ms}
     if cfg.paired_decode:

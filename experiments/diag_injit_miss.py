@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hlwq_jax.offload.bank import gather_host_rows
+
 FLAG_SETS = {
     "default": "",
     "cmdbuf_cond": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
@@ -58,20 +60,16 @@ def _emit(row: dict) -> None:
     print("ROW " + json.dumps(row), flush=True)
 
 
-def _switch_install(buf, bank, ids, sl, n):
-    """buf [C, nbytes] with the first n of the rows ``ids`` of the host ``bank`` written to slots ``sl`` (n ≤ 6,
-    a device int32: ``lax.switch`` over 7 branches; branch 0 copies nothing)."""
-    from hlwq_jax.offload.bank import gather_host_rows
-
-    branches = [lambda b: b] + [
-        (lambda m: lambda b: b.at[sl[:m]].set(gather_host_rows(bank, ids[:m])))(m) for m in range(1, 7)]
-    return jax.lax.switch(n, branches, buf)
-
-
 def _install(buf, bank, ids, sl):
-    from hlwq_jax.offload.bank import gather_host_rows
-
+    """buf [C, nbytes] with the rows ``ids`` of the host ``bank`` written to slots ``sl`` (in-jit copies)."""
     return buf.at[sl].set(gather_host_rows(bank, ids))
+
+
+def _switch_install(buf, bank, ids, sl, n):
+    """``_install`` of the first n of ``ids`` (n ≤ 6, a device int32: ``lax.switch`` over 7 branches; branch 0
+    copies nothing)."""
+    branches = [lambda b: b] + [(lambda m: lambda b: _install(b, bank, ids[:m], sl[:m]))(m) for m in range(1, 7)]
+    return jax.lax.switch(n, branches, buf)
 
 
 def _time_copies(prec, bank, buf, ids_all, sl_all, reps, emit):
