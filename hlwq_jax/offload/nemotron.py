@@ -2,8 +2,10 @@
 
 The model is cut at its MoE layers into *segments*, each ONE jitted call: (finish the previous MoE layer: x += routed
 + shared) → the non-MoE blocks up to the next MoE layer → that layer's pre-norm, router and shared expert. Between
-segments the host reads the routed ids (one sync per MoE layer) and ``OffloadedMoE`` runs the routed experts on the
-cache slots (``nn.moe.moe_experts(impl="gather")``). With every cache size the logits equal those of the same
+segments the host reads the routed ids (one sync per MoE layer) and ``OffloadedMoE`` installs the layer's misses into
+the cache slots. The routed experts (``nn.moe.moe_experts(impl="gather")`` on the slots) of a ONE-token step run at the
+start of the next segment's program (``routed_call``: 24 instead of 47 jitted calls per decoded token); longer steps
+(prefill, overflow splits) run them as a call of their own. With every cache size the logits equal those of the same
 segmented forward with all experts resident, bit for bit; against ``models.nemotron_h.forward`` (one jit, other
 fusion) they agree to float rounding.
 
@@ -11,19 +13,19 @@ Speculative mode (``OffloadConfig.speculative``): the segmented forward syncs on
 token for Nano-30B) and its no-miss decode ran at a third of the all-resident speed on the H200. Instead the forward
 is dispatched as a *chain* of the per-layer path's own jitted calls with no host read in between: per MoE layer j,
 ``_segment`` (which also maps its routed ids to slots through the layer's device slot map; an absent expert reads
-slot 0: garbage, detected) → ``routed_experts`` on the slot buffers; after the last segment ``_chain_codes`` forms one
-int32
-code per routed id (the id, or ``~id`` where the expert was absent) and ONE host read follows. All hit: the chain was
+slot 0: garbage, detected; its routed experts on the slot buffers run in segment j+1); before the last segment
+``_chain_codes`` forms one int32 code per routed id (the id, or ``~id`` where the expert was absent) and ONE host read follows. All hit: the chain was
 the forward. First miss at MoE layer s: segments 0..s ran on exact inputs and are kept (their states and outputs
 are device arrays the chain holds), layers < s get their all-hit policy steps, and the forward resumes on the
 per-layer path at layer s (installs its misses) — the work after s is discarded. Every path runs the same
-``_segment`` executable (the others pass an identity slot map and ignore the slot ids) and the routed call receives
+``_segment`` executable (the others pass an identity slot map and ignore the slot ids) and the routed experts receive
 int32 [T, k] slot ids either way (from the segment here, from the host in ``cached_moe``), so every call of an
 accepted chain is the same executable on the same inputs as on the per-layer path: the logits are equal bit for bit
 by construction, on any backend (an earlier one-jit pass was exact on the CPU only: XLA GPU compiled it differently).
-Cost beyond the all-resident segmented forward: one small call (the codes) per token, and the host read. On the
-H200's host every jitted call costs ~0.1 ms to dispatch and these loops are host-bound, so the call count matters
-(with a separate slot-lookup call per layer the no-miss chain ran measurably slower; results/README.md).
+Cost beyond the all-resident segmented forward: one small call (the codes) per token, the host read and the policy
+steps. On the H200's host every jitted call costs ~0.1–0.25 ms to dispatch and these loops are host-bound, so the
+call count matters (with a separate slot-lookup call per layer the no-miss chain ran measurably slower; moving the
+routed experts into the next segment made every path faster; results/README.md).
 Where chains keep missing (random routing: every token misses somewhere, and a missed chain costs its wasted tail
 on top of the per-layer path), ``OffloadConfig.speculative_backoff`` runs the next 1, 2, 4, … tokens (up to the cap)
 on the per-layer path after each missed chain; an accepted chain resets it. Tracing works in both modes (the chain
@@ -34,7 +36,7 @@ speculative states before t's codes are read (its docstring).
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,11 +65,32 @@ def _dense_block(config, kind, p, h, state):
     raise ValueError(f"offloaded Nemotron-H: block type {kind!r} is not a dense block")
 
 
+class Unrouted(NamedTuple):
+    """A one-token step's routed-expert call, deferred into the next segment's program (``routed_call``): the
+    arguments of ``routed_experts``: h [1, D], ids int32 [1, k] into the leading axis of ``experts`` (E resident
+    experts, or C cache slots), w [1, k]."""
+    h: jax.Array
+    ids: jax.Array
+    w: jax.Array
+    experts: dict
+
+
+def routed_call(h: jax.Array, ids, w: jax.Array, experts: dict):
+    """``routed_experts(h, ids, w, experts)``, deferred into the next ``_segment`` call when the step is ONE token
+    (h [1, D]): that saves a jitted call per MoE layer (23 of 47 per decoded token), which the host-bound decode loops
+    pay for (~0.1–0.25 ms each on the H200's host). Every path decides from the shape alone, so resident, per-layer
+    and chain calls stay the same executables on the same inputs."""
+    if h.shape[0] == 1:
+        return Unrouted(h, ids, w, experts)
+    return routed_experts(h, ids, w, experts)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _segment(config, kinds: tuple[str, ...], final: bool, p: dict, states: tuple, x, pending, smap):
     """kinds: block types of this segment's dense layers. p: {"emb"?, "layers": [...], "moe"?: next MoE layer's
-    {"norm", "router", "router_bias", "shared"?}, "norm_f"?, "head"?}. pending: None or (routed f32 [N, D], shared
-    [N, D] | None) of the previous MoE layer. x: tokens int32 [B, T] (first segment) or hidden [B, T, D].
+    {"norm", "router", "router_bias", "shared"?}, "norm_f"?, "head"?}. pending: None or (routed, shared
+    [N, D] | None) of the previous MoE layer, routed either computed (f32 [N, D]) or an ``Unrouted`` call run here
+    first, behind an optimization barrier so that its result is the separate call's. x: tokens int32 [B, T] (first segment) or hidden [B, T, D].
     "next_router" (prefetch): the following MoE layer's {"router", "router_bias"}, applied to this layer's h.
     smap: int32 [E] expert→slot map (−1 absent) giving the returned slot ids (absent → slot 0); the speculative
     chain passes the layer's cache map, every other caller the model's identity map (one executable on every
@@ -77,9 +100,12 @@ def _segment(config, kinds: tuple[str, ...], final: bool, p: dict, states: tuple
         x = jnp.take(p["emb"], x, axis=0)
     b, t, d = x.shape
     if pending is not None:
-        y = pending[0].astype(x.dtype)
-        if pending[1] is not None:
-            y = y + pending[1]
+        y, shared = pending
+        if isinstance(y, Unrouted):
+            y = jax.lax.optimization_barrier(routed_experts(*y))
+        y = y.astype(x.dtype)
+        if shared is not None:
+            y = y + shared
         x = x + y.reshape(b, t, d).astype(x.dtype)
     new_states = []
     for kind, lp, st in zip(kinds, p["layers"], states):
@@ -126,7 +152,7 @@ class OffloadedNemotronH:
                 banks = [HostBank(params["layers"][i]["mixer"]["experts"]) for i in moe_idx]
             if len(banks) != len(moe_idx):
                 raise ValueError(f"offloaded Nemotron-H: {len(banks)} banks for {len(moe_idx)} MoE layers")
-            self.moe = OffloadedMoE(banks, offload, routed_experts, recorder)
+            self.moe = OffloadedMoE(banks, offload, routed_call, recorder)
         self._identity = jnp.arange(config.n_routed_experts, dtype=jnp.int32)  # the smap of non-chain segments
         self._skip = self._backoff = 0  # speculative backoff: tokens left on the per-layer path, current length
         head = params["embeddings"] if config.tie_word_embeddings else params["lm_head"]
@@ -241,7 +267,7 @@ class OffloadedNemotronH:
             if final:
                 break
             x, _, h, ids, w, shared, _, slots = out
-            pending = (routed_experts(h, slots, w, moe.caches[j].weights()), shared)
+            pending = (routed_call(h, slots, w, moe.caches[j].weights()), shared)
         return outs + [codes]
 
     def _chain_states(self, chain: list, states: list) -> list:
@@ -285,7 +311,7 @@ class OffloadedNemotronH:
             if self.moe is None:
                 if tr is not None and self.recorder is not None:
                     self.recorder.record(*tr, j, np.asarray(ids), np.asarray(w))
-                pending = (routed_experts(h, ids, w, self.resident[j]), shared)
+                pending = (routed_call(h, ids, w, self.resident[j]), shared)
             else:
                 pending = (self.moe.routed(j, h, ids, w, next_ids=predicted, trace=tr), shared)
         if self.moe is not None:

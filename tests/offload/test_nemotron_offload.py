@@ -212,3 +212,32 @@ def test_speculative_backoff(model, use_decode):
     assert sp.tokens == 4
     with pytest.raises(ValueError, match="speculative_backoff"):
         OffloadConfig(slots=K, speculative_backoff=-1)
+
+
+def test_one_token_routed_call_runs_inside_next_segment(model):
+    """A one-token step's routed experts are deferred into the next segment (one jitted call fewer per MoE layer);
+    that segment's outputs equal those of the same segment fed the separate ``routed_experts`` call's result, bit for
+    bit (the optimization barrier keeps XLA from fusing the routed sum into the residual add). Longer steps compute
+    the call at once."""
+    from hlwq_jax.offload.expert_cache import routed_experts
+    from hlwq_jax.offload.nemotron import Unrouted, _segment, routed_call
+    cfg, params = model
+    off = OffloadedNemotronH(cfg, params, None)
+    rng = np.random.default_rng(3)
+    experts = off.resident[0]
+    w = jnp.asarray(rng.uniform(0.1, 1, (1, K)), jnp.float32)
+    ids = jnp.asarray(rng.choice(E, K, replace=False)[None], jnp.int32)
+    h = jnp.asarray(rng.standard_normal((1, cfg.hidden_size)), jnp.float32)
+    deferred = routed_call(h, ids, w, experts)
+    assert isinstance(deferred, Unrouted)
+    computed = routed_call(jnp.concatenate([h, h]), jnp.concatenate([ids, ids]), jnp.concatenate([w, w]), experts)
+    assert isinstance(computed, jax.Array) and computed.shape == (2, cfg.hidden_size)
+    kinds, idx, final, p = off.segments[1]
+    cache = nh.init_cache(cfg, 1, 4, jnp.float32)
+    states = tuple(cache.layers[i] for i in idx)
+    x = jnp.asarray(rng.standard_normal((1, 1, cfg.hidden_size)), jnp.float32)
+    shared = jnp.asarray(rng.standard_normal((1, cfg.hidden_size)), jnp.float32)
+    a = _segment(cfg, kinds, final, p, states, x, (deferred, shared), off._identity)
+    b = _segment(cfg, kinds, final, p, states, x, (routed_experts(h, ids, w, experts), shared), off._identity)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
