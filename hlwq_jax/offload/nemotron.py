@@ -12,24 +12,24 @@ fusion) they agree to float rounding.
 Speculative mode (``OffloadConfig.speculative``): the segmented forward syncs once per MoE layer (23 host reads per
 token for Nano-30B) and its no-miss decode ran at a third of the all-resident speed on the H200. Instead the forward
 is dispatched as a *chain* of the per-layer path's own jitted calls with no host read in between: per MoE layer j,
-``_segment`` (which also maps its routed ids to slots through the layer's device slot map; an absent expert reads
-slot 0: garbage, detected; its routed experts on the slot buffers run in segment j+1); before the last segment
-``_chain_codes`` forms one int32 code per routed id (the id, or ``~id`` where the expert was absent) and ONE host read follows. All hit: the chain was
-the forward. First miss at MoE layer s: segments 0..s ran on exact inputs and are kept (their states and outputs
-are device arrays the chain holds), layers < s get their all-hit policy steps, and the forward resumes on the
-per-layer path at layer s (installs its misses) — the work after s is discarded. Every path runs the same
-``_segment`` executable (the others pass an identity slot map and ignore the slot ids) and the routed experts receive
-int32 [T, k] slot ids either way (from the segment here, from the host in ``cached_moe``), so every call of an
-accepted chain is the same executable on the same inputs as on the per-layer path: the logits are equal bit for bit
-by construction, on any backend (an earlier one-jit pass was exact on the CPU only: XLA GPU compiled it differently).
-Cost beyond the all-resident segmented forward: one small call (the codes) per token, the host read and the policy
-steps. On the H200's host every jitted call costs ~0.1–0.25 ms to dispatch and these loops are host-bound, so the
-call count matters (with a separate slot-lookup call per layer the no-miss chain ran measurably slower; moving the
-routed experts into the next segment made every path faster; results/README.md).
-Where chains keep missing (random routing: every token misses somewhere, and a missed chain costs its wasted tail
-on top of the per-layer path), ``OffloadConfig.speculative_backoff`` runs the next 1, 2, 4, … tokens (up to the cap)
-on the per-layer path after each missed chain; an accepted chain resets it. Tracing works in both modes (the chain
-reads the routing weights with the codes). ``forward`` settles each chain
+``_segment`` (which also maps its routed ids to slots through the layer's device slot map; an absent expert reads slot
+0: garbage, detected; its routed experts on the slot buffers run in segment j+1); before the last segment
+``_chain_codes`` forms one int32 code per routed id (the id, or ``~id`` where the expert was absent) and ONE host read
+follows. All hit: the chain was the forward. First miss at MoE layer s: segments 0..s ran on exact inputs and are kept
+(their states and outputs are device arrays the chain holds), layers < s get their all-hit policy steps, and the
+forward resumes on the per-layer path at layer s (installs its misses) — the work after s is discarded. Every path
+runs the same ``_segment`` executable (the others pass an identity slot map and ignore the slot ids) and the routed
+experts receive int32 [T, k] slot ids either way (from the segment here, from the host in ``cached_moe``), so every
+call of an accepted chain is the same executable on the same inputs as on the per-layer path: the logits are equal bit
+for bit by construction, on any backend (an earlier one-jit pass was exact on the CPU only: XLA GPU compiled it
+differently). Cost beyond the all-resident segmented forward: one small call (the codes) per token, the host read and
+the policy steps. On the H200's host every jitted call costs ~0.1–0.25 ms to dispatch and these loops are host-bound,
+so the call count matters (with a separate slot-lookup call per layer the no-miss chain ran measurably slower; moving
+the routed experts into the next segment sped up the resident and chain loops, not the per-layer path, which is bound
+by its 23 host syncs; results/README.md). Where chains keep missing (random routing: every token misses somewhere, and
+a missed chain costs its wasted tail on top of the per-layer path), ``OffloadConfig.speculative_backoff`` runs the
+next 1, 2, 4, … tokens (up to the cap) on the per-layer path after each missed chain; an accepted chain resets it.
+Tracing works in both modes (the chain reads the routing weights with the codes). ``forward`` settles each chain
 before it returns; ``decode`` (teacher-forced steps) pipelines by one token: step t+1's chain is dispatched on t's
 speculative states before t's codes are read (its docstring).
 """
@@ -90,7 +90,8 @@ def _segment(config, kinds: tuple[str, ...], final: bool, p: dict, states: tuple
     """kinds: block types of this segment's dense layers. p: {"emb"?, "layers": [...], "moe"?: next MoE layer's
     {"norm", "router", "router_bias", "shared"?}, "norm_f"?, "head"?}. pending: None or (routed, shared
     [N, D] | None) of the previous MoE layer, routed either computed (f32 [N, D]) or an ``Unrouted`` call run here
-    first, behind an optimization barrier so that its result is the separate call's. x: tokens int32 [B, T] (first segment) or hidden [B, T, D].
+    first, behind an optimization barrier (XLA cannot fuse the routed sum into the residual add; on the CPU a test
+    checks the result equals the separate call's). x: tokens int32 [B, T] (first segment) or hidden [B, T, D].
     "next_router" (prefetch): the following MoE layer's {"router", "router_bias"}, applied to this layer's h.
     smap: int32 [E] expert→slot map (−1 absent) giving the returned slot ids (absent → slot 0); the speculative
     chain passes the layer's cache map, every other caller the model's identity map (one executable on every
