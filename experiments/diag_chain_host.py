@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from experiments.bench_offload import BenchConfig, append_jsonl, git_sha
+from experiments.diag_offload_host import Timer
 from hlwq_jax.offload import moe_stack as MS
 from hlwq_jax.offload import nemotron as NM
 from hlwq_jax.offload.harness import FullModelHarness
@@ -35,26 +36,8 @@ from hlwq_jax.offload.harness import FullModelHarness
 CALLS = ("_segment", "routed_call", "_chain_codes")
 
 
-class Timers:
-    """Host seconds and call counts per name."""
-
-    def __init__(self):
-        self.s: dict[str, float] = {}
-        self.n: dict[str, int] = {}
-
-    def wrap(self, name, fn):
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t0
-                self.n[name] = self.n.get(name, 0) + 1
-        return timed
-
-
 @contextlib.contextmanager
-def instrumented(timers: Timers):
+def instrumented(timers: Timer):
     """Route ``offload.nemotron``'s calls and ``OffloadedMoE.settle`` through ``timers`` (restored on exit)."""
     old = {name: getattr(NM, name) for name in CALLS}
     old_settle = MS.OffloadedMoE.settle
@@ -69,10 +52,10 @@ def instrumented(timers: Timers):
         MS.OffloadedMoE.settle = old_settle
 
 
-def measure(run, cfg, runs: int) -> tuple[list[float], Timers]:
+def measure(run, cfg, runs: int) -> tuple[list[float], Timer]:
     """``runs`` timed decode runs (each from the prefill, ``cfg.warmup`` untimed tokens first) → ms/token each and
     the timers of the timed tokens only."""
-    ms, timers = [], Timers()
+    ms, timers = [], Timer()
     for _ in range(runs):
         jax.block_until_ready(run(0, cfg.warmup))
         with instrumented(timers):
@@ -82,14 +65,14 @@ def measure(run, cfg, runs: int) -> tuple[list[float], Timers]:
     return ms, timers
 
 
-def row(loop: str, rnd: int, ms: list[float], timers: Timers, tokens: int, meta: dict) -> dict:
+def row(loop: str, rnd: int, ms: list[float], timers: Timer, tokens: int, meta: dict) -> dict:
     n_tok = tokens * len(ms)
     calls = {k: timers.n[k] / n_tok for k in timers.n if k != "settle"}
-    us = {k: timers.s[k] / timers.n[k] * 1e6 for k in timers.n if k != "settle"}
+    us = {k: timers.t[k] / timers.n[k] * 1e6 for k in timers.n if k != "settle"}
     return {**meta, "loop": loop, "round": rnd, "ms_per_token_runs": ms, "ms_per_token": float(np.median(ms)),
             "calls_per_token": calls, "host_us_per_call": us,
-            "host_ms_per_token_in_calls": sum(timers.s[k] for k in calls) * 1e3 / n_tok,
-            "settle_us_per_token": timers.s.get("settle", 0.0) * 1e6 / n_tok}
+            "host_ms_per_token_in_calls": sum(timers.t[k] for k in calls) * 1e3 / n_tok,
+            "settle_us_per_token": timers.t.get("settle", 0.0) * 1e6 / n_tok}
 
 
 def main(argv=None) -> int:

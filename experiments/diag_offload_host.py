@@ -100,10 +100,11 @@ def make_bank(bank: str, n_experts: int, d: int, f: int) -> HostBank:
 
 
 class Timer:
-    """Accumulates wall time per name for one step."""
+    """Accumulates wall time (``t``) and calls (``n``) per name."""
 
     def __init__(self):
         self.t: dict[str, float] = {}
+        self.n: dict[str, int] = {}
 
     def wrap(self, name, fn):
         def timed(*a, **kw):
@@ -112,6 +113,7 @@ class Timer:
                 return fn(*a, **kw)
             finally:
                 self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
+                self.n[name] = self.n.get(name, 0) + 1
         return timed
 
 
