@@ -429,8 +429,9 @@ def bench_transfer(h, cfg, precision, meta, ref, res, paired=()):
             if paired:
                 paired_ms.append(time_run(paired[0], cfg.warmup, cfg.tokens)[0])
             r = measure_cached(h, cfg, c0, "lru", False, restricted=True, speculative=spec)
-            # kept without the OffloadedMoE (the last one excepted): each holds C slots per layer on the device, and
-            # 15 bf16 repeats' slots (3.7 GB each) beside the resident model nearly filled the H200
+            # kept without the OffloadedMoE (the last one excepted): each holds C slots per layer on the device;
+            # 15 bf16 repeats' slots (3.7 GB each) beside the 59 GB resident model are the suspected reason two
+            # such runs stalled
             moe = r[5]
             reps.append(r[:5] + r[6:])
             del r

@@ -219,7 +219,9 @@ class OffloadedMoE:
 
     def routed(self, l: int, h: jax.Array, ids: jax.Array, weights: jax.Array, *, next_ids: jax.Array | None = None,
                trace: tuple[str, str, int] | None = None) -> jax.Array:
-        """Routed experts of MoE layer ``l`` (float32 [T, D]); ``trace=(prompt, phase, pos0)`` records routing."""
+        """Routed experts of MoE layer ``l``: ``experts_fn``'s result (``routed_experts``: float32 [T, D]; the
+        offloaded Nemotron-H's ``routed_call`` defers a one-token step's); ``trace=(prompt, phase, pos0)`` records
+        routing."""
         self.apply_pending()
         cache = self.caches[l]
         want_w = self.recorder is not None and trace is not None
