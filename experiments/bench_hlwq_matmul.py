@@ -342,9 +342,6 @@ def suite_full(record):
         run_dense(record, shp, 1, "pallas", 5, d, label="pallas Q5")
         run_dense(record, shp, 1, "pallas", 4, d, label="pallas Q4")
         run_dense(record, shp, 1, "pallas", 5, dataclasses.replace(d, block_n_fma=32), label="pallas Q5 bn32")
-        for bn in (32, 64):
-            run_dense(record, shp, 1, "pallas", 5, dataclasses.replace(d, unpack="lanes", block_n_fma=bn, unroll=1),
-                      label=f"pallas Q5 lanes bn{bn}")
         run_dense(record, shp, 1, "pallas", 5, d, rotated=True, label="pallas Q5 pre-rotated")
     run_dense(record, "in_proj", 1, "rotate", 5, label="rotation only")
     run_dense(record, "in_proj", 1, "xla", 5, label="xla (codes, fused reduce)")

@@ -110,15 +110,6 @@ class TestPallasInterpret(HLWQMatmulSuite):
         x = jnp.asarray(rng.standard_normal((m, IN)), jnp.float32)
         self.check(self.run(x, repack(w), config=config), x, w)
 
-    @pytest.mark.parametrize("bits", [3, 5, 6, 8])
-    def test_lanes_unpack(self, bits):
-        """The per-lane GEMV variant (unpack="lanes"), M = 1 and M = 3 (smaller tile)."""
-        rng = np.random.default_rng(bits)
-        w = exact_weight(rng, bits, (OUT, IN))
-        for m in (1, 3):
-            x = jnp.asarray(rng.standard_normal((m, IN)), jnp.float32)
-            self.check(self.run(x, repack(w), config=PallasConfig(unpack="lanes", unroll=1)), x, w)
-
     def test_select_lookup_and_small_tile(self):
         rng = np.random.default_rng(2)
         w = exact_weight(rng, 4, (OUT, IN))

@@ -15,7 +15,8 @@ Why Triton rather than Mosaic GPU: the table lookup is a pointer gather, which M
 a 2^b-way select chain per code); on the H200 the select chain costs 1.65× (4 bits) to 2.5× (5 bits) the gather.
 Status (results/bench_hlwq_matmul.md): correct everywhere, but on the H200 the GEMV is 4–5× *slower* than XLA's bf16
 GEMV — bounded by Triton's shared-memory layout conversions between the unpacked codes and the gathered table loads,
-not by bytes. ``unpack="lanes"`` is a conversion-free variant, not yet timed on the GPU.
+not by bytes. A conversion-free variant (one word load per code, per-lane shifts) measured slower still (in_proj
+122–203 µs against 72; results/bench_hlwq_matmul_rest.md) and was removed.
 """
 from __future__ import annotations
 
@@ -50,7 +51,6 @@ class PallasConfig:
     unroll: int = 3  # chunks per loop iteration, statically unrolled so their loads are in flight together
     min_programs: int = 528  # split the 128-column chunks over programs (partial sums) until the grid has this many
     lookup: str = "gather"  # "gather" (table load) | "select" (2^b-way where chain: what Mosaic GPU would need)
-    unpack: str = "join"  # fma path: "lanes" (per-lane word loads, no layout conversions) | "join" (register splits)
 
 
 def plan(m: int, config: PallasConfig) -> str:
@@ -123,41 +123,6 @@ def unpack_chunk(plane_refs, widths, lead, r0, bn, c):
     return x.astype(jnp.int32)
 
 
-def _bitrev_vec(r, n_bits: int):
-    """Bit-reverse the low n_bits of an int32 array (a few ops on a [128, 1] vector per chunk)."""
-    f = jnp.zeros_like(r)
-    for i in range(n_bits):
-        f = f | (((r >> i) & 1) << (n_bits - 1 - i))
-    return f
-
-
-def unpack_chunk_lanes(plane_refs, widths, lead, r0, bn, c, zero):
-    """int32 codes [128, bn] of chunk c (column k along axis 0, output row along axis 1); layout.py's layout.
-
-    Every code is read with its own word load (lanes of a warp run along k, so a warp touches 16 bytes of a base
-    plane and 4 of an extra plane), shifted and masked per element. ``zero`` (a runtime 0) hides the column
-    arithmetic from Triton's contiguity analysis so the plane loads and the table gather get the same
-    one-element-per-lane layout: no shared-memory layout conversion anywhere in the GEMV."""
-    b0 = widths[0]
-    f0 = 32 // b0
-    l0 = f0.bit_length() - 1
-    k = lax.broadcasted_iota(jnp.int32, (CHUNK, 1), 0) ^ zero
-    rows = jnp.broadcast_to(r0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1), (CHUNK, bn))
-    w = k >> l0  # base word of column k inside the chunk
-    f = _bitrev_vec(k & (f0 - 1), l0)  # its field
-    cols = jnp.broadcast_to(c * (4 * b0) + w, (CHUNK, bn))
-    word = plane_refs[0][(*lead, rows, cols)].astype(jnp.uint32)  # [128, bn]
-    code = (word >> (b0 * f).astype(jnp.uint32)) & ((1 << b0) - 1)
-    if len(widths) > 1:
-        e = widths[1]
-        g = b0 // e
-        cols_e = jnp.broadcast_to(c * (4 * e) + w // g, (CHUNK, bn))
-        word_e = plane_refs[1][(*lead, rows, cols_e)].astype(jnp.uint32)
-        sh = (e * (g * f + w % g)).astype(jnp.uint32)
-        code = code | (((word_e >> sh) & ((1 << e) - 1)) << b0)
-    return code.astype(jnp.int32)
-
-
 def lookup(table_ref, code, n_levels: int, mode: str):
     """table[code] as float32 [bn, 128]: a gather from the table ref, or a select chain over the levels."""
     if mode == "gather":
@@ -180,38 +145,26 @@ def chunk_loop(first, n, unroll, body, init):
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------------
-def _fma_kernel(zero_ref, x_ref, norms_ref, table_ref, *refs, widths, bn, m_rows, group, unroll, cpb, mode,
-                unpack):
+def _fma_kernel(x_ref, norms_ref, table_ref, *refs, widths, bn, m_rows, group, unroll, cpb, mode):
     """x_ref f32 [M, padded_in]; norms_ref f16 [n_blocks, rows]; o_ref [n_groups, M, rows] (partial sums)."""
     *plane_refs, o_ref = refs
     r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
     g = pl.program_id(1)
     rows = pl.ds(r0, bn)
-    lanes = unpack == "lanes"
-    zero = zero_ref[0]
 
     def body(c, accs):
-        if lanes:  # [128, bn]; accumulate elementwise, reduce over k once at the end
-            vals = lookup(table_ref, unpack_chunk_lanes(plane_refs, widths, (), r0, bn, c, zero), table_ref.shape[0], mode)
-            vals = vals * norms_ref[c // cpb, rows].astype(jnp.float32)[None, :]
-        else:
-            vals = lookup(table_ref, unpack_chunk(plane_refs, widths, (), r0, bn, c), table_ref.shape[0], mode)
-            nrm = norms_ref[c // cpb, rows].astype(jnp.float32)  # [bn]
+        vals = lookup(table_ref, unpack_chunk(plane_refs, widths, (), r0, bn, c), table_ref.shape[0], mode)
+        nrm = norms_ref[c // cpb, rows].astype(jnp.float32)  # [bn]
         out = []
         for m in range(m_rows):
             xm = x_ref[m, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)]  # [128]
-            if lanes:
-                out.append(accs[m] + vals * xm[:, None])
-            else:
-                out.append(accs[m] + jnp.sum(vals * xm[None, :], axis=1) * nrm)
+            out.append(accs[m] + jnp.sum(vals * xm[None, :], axis=1) * nrm)
         return tuple(out)
 
-    shape = (CHUNK, bn) if lanes else (bn,)
-    init = tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_rows))
+    init = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m_rows))
     accs = chunk_loop(g * group, group, unroll, body, init)
     for m in range(m_rows):
-        acc = jnp.sum(accs[m], axis=0) if lanes else accs[m]
-        o_ref[g, m, rows] = acc.astype(o_ref.dtype)
+        o_ref[g, m, rows] = accs[m].astype(o_ref.dtype)
 
 
 def _dot_kernel(x_ref, norms_ref, table_ref, *refs, widths, bm, bn, group, unroll, cpb, precision, mode):
@@ -257,18 +210,16 @@ def fma_call(xr, p: HLWQPlanes, out_dtype, config: PallasConfig, interpret: bool
     """xr f32 [M, padded_in] → [M, rows]."""
     m = xr.shape[0]
     bn = config.block_n_fma
-    if config.unpack == "lanes":  # the [128, bn] accumulators live in registers: shrink the tile for M > 1
-        bn = max(16, bn // _next_pow2(m))
     n_groups = split_chunks(p.n_chunks, p.rows // bn, config.min_programs)
     group = p.n_chunks // n_groups
     kernel = functools.partial(_fma_kernel, widths=p.widths, bn=bn, m_rows=m, group=group,
                                unroll=largest_divisor_at_most(group, config.unroll), cpb=p.block_size // CHUNK,
-                               mode=config.lookup, unpack=config.unpack)
+                               mode=config.lookup)
     y = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((n_groups, m, p.rows), out_dtype if n_groups == 1 else jnp.float32),
         grid=(p.rows // bn, n_groups), compiler_params=_params(config.warps_fma, config.stages_fma),
         interpret=interpret, name=f"hlwq_fma_q{p.bits}",
-    )(jnp.zeros((1,), jnp.int32), xr.astype(jnp.float32), p.norms_t, p.table, *p.planes)
+    )(xr.astype(jnp.float32), p.norms_t, p.table, *p.planes)
     return _reduce_groups(y, out_dtype)
 
 
