@@ -423,7 +423,7 @@ def bench_transfer(h, cfg, precision, meta, ref, res, paired=()):
     pinned, ebytes, n_layers, top_k = sum(b.nbytes for b in h.banks), h.banks[0].expert_nbytes, len(h.banks), h.top_k
     for spec in cfg.speculative:
         reps, ratios, paired_ms = [], [], []  # repeated like the resident baseline (fresh caches), median reported
-        if paired:  # untimed: in every H200 run the first no-miss timing after the resident runs was ~2x slow
+        if paired:  # untimed: in 6 of 7 H200 runs the first no-miss timing after the resident runs was the slowest
             measure_cached(h, cfg, c0, "lru", False, restricted=True, speculative=spec)
         for _ in range(cfg.resident_repeats):
             if paired:
