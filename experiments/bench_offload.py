@@ -94,6 +94,7 @@ import sys
 import tempfile
 import time
 import tomllib
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -199,22 +200,38 @@ def time_resident(run, cfg):
     return float(np.median(ms)), outs, {"ms_per_token_repeats": ms, "host_ms_per_token": float(np.median(hosts))}
 
 
-def measure_cached(h, cfg, slots, policy, prefetch, restricted=False, speculative=False):
-    """Warm up, then time ``cfg.tokens`` decode tokens; stats (per layer, and the stack's ``SpecStats``) cover the
-    timed tokens only. ``restricted`` (the no-miss row): the routable experts are preloaded into every layer before
-    the warm-up (through the caches' install path), so no token can miss. Returns (ms/token, outputs, per-layer
-    stats, SpecStats, device memory, the OffloadedMoE)."""
+class Measured(NamedTuple):
+    """One timed decode run of a cached model (``measure_cached``)."""
+    ms: float  # ms/token
+    outs: list  # host logits per timed token
+    stats: list  # per-layer LayerStats of the timed tokens
+    spec: object  # the stack's SpecStats of the timed tokens
+    memory: dict  # device memory after the run
+    host_ms: float  # host ms/token until the run returned
+
+
+def cached_ready(h, slots, policy, prefetch, restricted=False, speculative=False):
+    """``h.cached(...)`` with the install program compiled and, ``restricted``, the routable experts preloaded into
+    every layer (through the caches' install path, so that no token can miss) → (run, OffloadedMoE)."""
     run, moe = h.cached(slots, policy, prefetch, restricted, speculative)
     moe.caches[0].precompile()  # install shapes are shared by all layers
     if restricted:
         moe.preload(h.restricted_experts)
+    return run, moe
+
+
+def measure_cached(h, cfg, slots, policy, prefetch, restricted=False, speculative=False) -> Measured:
+    """Warm up, then time ``cfg.tokens`` decode tokens of a fresh ``cached_ready`` model; stats (per layer, and the
+    stack's ``SpecStats``) cover the timed tokens only. The model is dropped on return: each holds C slots per layer
+    on the device (3.7 GB for bf16 at C = 8), and repeats must not pile them up."""
+    run, moe = cached_ready(h, slots, policy, prefetch, restricted, speculative)
     t_warm, timing = [], {}
     ms, outs = time_run(run, cfg.warmup, cfg.tokens,
                         at_warm=lambda: t_warm.extend([moe.stats(), dataclasses.replace(moe.spec)]), timing=timing)
     end = moe.stats()
     st = [dataclasses.replace(b, **{f.name: getattr(b, f.name) - getattr(a, f.name)
                                     for f in dataclasses.fields(b)}) for a, b in zip(t_warm[0], end)]
-    return ms, outs, st, moe.spec.minus(t_warm[1]), device_memory(), moe, timing["host_ms_per_token"]
+    return Measured(ms, outs, st, moe.spec.minus(t_warm[1]), device_memory(), timing["host_ms_per_token"])
 
 
 def spec_fields(speculative, sp, tokens) -> dict:
@@ -389,24 +406,20 @@ def bench_precision(cfg, precision, key, meta, recorder, failed: list):
 
 def time_decode(h, cfg, precision, slots, policy, prefetch, spec):
     """``cfg.decode_repeats`` decode timings (fresh caches each), each after a no-miss run at the same C when
-    ``cfg.paired_decode`` (module docstring). Returns (the median run's (ms/token, outputs, per-layer stats,
-    SpecStats, device memory, host ms/token), row fields: ``ms_per_token_repeats`` and the paired estimates)."""
+    ``cfg.paired_decode`` (module docstring). Returns (the median run's ``Measured``, row fields:
+    ``ms_per_token_repeats`` and the paired estimates)."""
     runs, base = [], []
     for _ in range(cfg.decode_repeats):
         if cfg.paired_decode:
             b = measure_cached(h, cfg, slots, policy, prefetch, restricted=True, speculative=spec)
-            check_miss_free(f"[{precision}] paired C={slots}", b[2], b[3])
-            base.append(b[0])
-            del b
-        r = measure_cached(h, cfg, slots, policy, prefetch, speculative=spec)
-        # kept without the OffloadedMoE: its caches hold the banks, released before the next transfer's are built
-        runs.append(r[:5] + r[6:])
-        del r
-    rep_ms = [r[0] for r in runs]
+            check_miss_free(f"[{precision}] paired C={slots}", b.stats, b.spec)
+            base.append(b.ms)
+        runs.append(measure_cached(h, cfg, slots, policy, prefetch, speculative=spec))
+    rep_ms = [r.ms for r in runs]
     fields = {"ms_per_token_repeats": rep_ms}
     if cfg.paired_decode:
-        pairs = [(r[0] - b) / (sum(x.misses for x in r[2]) / cfg.tokens) for r, b in zip(runs, base)
-                 if sum(x.misses for x in r[2])]
+        pairs = [(r.ms - b) / (sum(x.misses for x in r.stats) / cfg.tokens) for r, b in zip(runs, base)
+                 if sum(x.misses for x in r.stats)]
         fields.update(paired_nomiss_ms=base, eff_ms_per_miss_pairs=pairs,
                       eff_ms_per_miss_paired=float(np.median(pairs)) if pairs else float("nan"),
                       eff_ms_per_miss_paired_ci95=median_ci(pairs))
@@ -428,25 +441,21 @@ def bench_transfer(h, cfg, precision, meta, ref, res, paired=()):
         for _ in range(cfg.resident_repeats):
             if paired:
                 paired_ms.append(time_run(paired[0], cfg.warmup, cfg.tokens)[0])
-            r = measure_cached(h, cfg, c0, "lru", False, restricted=True, speculative=spec)
-            # kept without the OffloadedMoE (the last one excepted): each holds C slots per layer on the device;
-            # 15 bf16 repeats' slots (3.7 GB each) beside the 59 GB resident model are the suspected reason two
-            # such runs stalled
-            moe = r[5]
-            reps.append(r[:5] + r[6:])
-            del r
+            reps.append(measure_cached(h, cfg, c0, "lru", False, restricted=True, speculative=spec))
             if paired:
-                ratios.append(paired_ms[-1] / reps[-1][0])
-            check_miss_free(f"[{precision}] C={c0}{' speculative' if spec else ''}", reps[-1][2], reps[-1][3])
-        order = np.argsort([r[0] for r in reps])
+                ratios.append(paired_ms[-1] / reps[-1].ms)
+            check_miss_free(f"[{precision}] C={c0}{' speculative' if spec else ''}", reps[-1].stats, reps[-1].spec)
+        order = np.argsort([r.ms for r in reps])
         nomiss[spec], outs, st, sp, mem, host_ms = reps[int(order[len(reps) // 2])]
-        rep_ms = [r[0] for r in reps]
+        rep_ms = [r.ms for r in reps]
         del reps
         miss = sum(s.misses for s in st)
         floor = {}
         if spec and cfg.model == "moe_only":  # device-only floor: the same passes chained, no reads / policies
+            _, moe = cached_ready(h, c0, "lru", False, restricted=True, speculative=spec)
             floor["spec_pass_ms"], pass_outs = time_run(h.speculative_pass(moe), cfg.warmup, cfg.tokens)
             floor["spec_pass_exact"] = exact(pass_outs, ref["restricted"])
+            del moe
         rows.append({**meta, "kind": "nomiss", "bank": precision, "transfer": transfer, "slots": c0,
                      "ms_per_token": nomiss[spec], "tok_s": 1e3 / nomiss[spec], "host_ms_per_token": host_ms,
                      "ms_per_token_repeats": rep_ms, "misses": miss,
@@ -461,7 +470,6 @@ def bench_transfer(h, cfg, precision, meta, ref, res, paired=()):
               f"{rows[-1]['resident_over_cached']:.3f}"
               + (" (95% CI {:.3f}–{:.3f})".format(*rows[-1]["ratio_ci95"]) if rows[-1]["ratio_ci95"] else "")
               + (f" (bare speculative passes: {floor['spec_pass_ms']:.2f} ms/tok)" if floor else ""), flush=True)
-        del moe
         yield [rows[-1]]
     for slots, policy, prefetch, spec in ((c, p, f, s) for c in cfg.slots for p in cfg.policies for f in cfg.prefetch
                                           for s in cfg.speculative):
