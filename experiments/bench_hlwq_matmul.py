@@ -4,6 +4,9 @@ Command (H200, jax 0.11.2 + CUDA; ≈ 7 s per variant, mostly compilation, so th
     PYTHONPATH=. timeout 590 python3 experiments/bench_hlwq_matmul.py --suite full --budget-s 500 \
         --out $OUT/bench_hlwq_matmul.jsonl
     python experiments/bench_hlwq_matmul.py --suite full --tiny --no-checks --out /tmp/b.jsonl   # CPU plumbing check
+Decode GEMV on every shape (M = 1; ≈ 50 variants incl. the quick GPU checks, ≈ 4 min on the H200):
+    PYTHONPATH=. timeout 400 python3 experiments/bench_hlwq_matmul.py --suite gemv --budget-s 330 \
+        --out $OUT/bench_hlwq_matmul_gemv.jsonl
 impl="xla" only (bf16 re-timed beside every shape and M; ≈ 80 variants, expected ≈ 200 s on the H200, the tail
 cut by --budget-s; CPU plumbing check with --tiny: ≈ 20 s):
     PYTHONPATH=. timeout 300 python3 experiments/bench_hlwq_matmul.py --suite xla --budget-s 200 --no-checks \
@@ -341,12 +344,12 @@ def suite_full(record):
         run_dense(record, shp, 1, "xla_deq", 5)
         run_dense(record, shp, 1, "pallas", 5, d, label="pallas Q5")
         run_dense(record, shp, 1, "pallas", 4, d, label="pallas Q4")
-        run_dense(record, shp, 1, "pallas", 5, dataclasses.replace(d, block_n_fma=32), label="pallas Q5 bn32")
+        run_dense(record, shp, 1, "pallas", 5, dataclasses.replace(d, gemv_rows=2), label="pallas Q5 rows2")
         run_dense(record, shp, 1, "pallas", 5, d, rotated=True, label="pallas Q5 pre-rotated")
     run_dense(record, "in_proj", 1, "rotate", 5, label="rotation only")
     run_dense(record, "in_proj", 1, "xla", 5, label="xla (codes, fused reduce)")
     run_dense(record, "in_proj", 1, "xla_planes", 5, label="xla on HLWQPlanes")
-    run_dense(record, "in_proj", 1, "pallas", 5, dataclasses.replace(d, lookup="select"), label="pallas Q5 select-lookup")
+    run_dense(record, "in_proj", 16, "pallas", 5, dataclasses.replace(d, lookup="select"), label="pallas Q5 select-lookup")
     run_moe(record, "decode", "bf16_dense", label="bf16 (6 active experts)")
     for bits in (5, 4):
         run_moe(record, "decode", "pallas", bits=bits, config=RaggedPallasConfig(), label=f"pallas Q{bits}")
@@ -372,6 +375,25 @@ def suite_full(record):
     for m in (16, 4096):
         run_dense(record, "lm_head", m, "bf16")
         run_dense(record, "lm_head", m, "pallas", 5, d, label="pallas Q5")
+
+
+def suite_gemv(record):
+    """Decode (M = 1) on every Nemotron shape: the Pallas GEMV (gemv_triton.py) against bf16 and impl="xla" in the
+    same run, bf16 timed before and after each shape's quantized rows (the later one is the ratio's baseline)."""
+    d = PallasConfig()
+    for shp in ("lm_head", "in_proj", "q_proj", "out_proj", "expert_up", "expert_down"):
+        run_dense(record, shp, 1, "bf16", label="bf16 first")
+        for bits in (5, 4):
+            run_dense(record, shp, 1, "pallas", bits, d, label=f"pallas Q{bits}")
+        run_dense(record, shp, 1, "pallas", 5, d, rotated=True, label="pallas Q5 pre-rotated")
+        run_dense(record, shp, 1, "xla", 5, XlaConfig(), label="xla Q5")
+        if shp in ("lm_head", "in_proj"):
+            run_dense(record, shp, 1, "pallas", 5, dataclasses.replace(d, gemv_rows=2), label="pallas Q5 rows2")
+            run_dense(record, shp, 1, "pallas", 5, dataclasses.replace(d, gemv_lookup="gather"),
+                      label="pallas Q5 L1-table lookup")
+        run_dense(record, shp, 1, "bf16")
+    for bits in (3, 6, 8):
+        run_dense(record, "lm_head", 1, "pallas", bits, d, label=f"pallas Q{bits}")
 
 
 def suite_xla(record):
@@ -449,7 +471,7 @@ def render(jsonl_path: str) -> str:
     lines = [f"# HLWQ matmul benchmark\n", f"- command: `{meta.get('command', '?')}`",
              f"- date: {meta.get('date', '?')}  machine: {meta.get('device', '?')}  jax {meta.get('jax', '?')}"
              f"  git {meta.get('git', '?')}", ""]
-    if meta.get("suite") == "xla":
+    if meta.get("suite") in ("xla", "gemv"):
         return render_xla(rows, lines)
     base = bf16_baselines(rows)
     lines.append("| op | shape | M | variant | time µs | GB/s read | speedup vs bf16 | floor µs |")
@@ -470,7 +492,7 @@ def render(jsonl_path: str) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--suite", default="full", choices=("full", "xla", "smoke", "checks"))
+    ap.add_argument("--suite", default="full", choices=("full", "gemv", "xla", "smoke", "checks"))
     ap.add_argument("--out", help="JSONL file to append to")
     ap.add_argument("--render", help="render a JSONL file as a markdown table and exit")
     ap.add_argument("--no-checks", action="store_true")
@@ -521,7 +543,8 @@ def main(argv=None):
     bad = [] if args.no_checks or args.suite in ("smoke", "xla") else suite_checks(record, quick=args.suite != "checks")
     if bad:
         print("CHECK FAILURES:", bad, flush=True)
-    {"full": suite_full, "xla": suite_xla, "smoke": suite_smoke, "checks": lambda r: None}[args.suite](record)
+    {"full": suite_full, "gemv": suite_gemv, "xla": suite_xla, "smoke": suite_smoke,
+     "checks": lambda r: None}[args.suite](record)
     print(f"\n== summary ({time.time() - t0:.0f} s) ==")
     print("\n".join(p for p in printed if "us" in p))
 

@@ -96,11 +96,12 @@ class TestPallasInterpret(HLWQMatmulSuite):
     interpret = True
 
     @pytest.mark.parametrize("m,config,path", [
-        (3, PallasConfig(fma_max_m=4), "fma"),
-        (3, PallasConfig(fma_max_m=2, block_m_dot=16, block_n_dot=64), "dot"),
+        (3, PallasConfig(gemv_max_m=4), "gemv"),  # three accumulators per program
+        (3, PallasConfig(gemv_max_m=2, block_m_dot=16, block_n_dot=64), "dot"),
         (40, PallasConfig(block_m_dot=16), "dot"),  # 3 token tiles, last one partial
         (40, PallasConfig(dequant_min_m=32), "dequant"),
-        (2, PallasConfig(fma_max_m=2, min_programs=1, block_n_fma=64), "fma"),  # one chunk group: no partial sums
+        (1, PallasConfig(gemv_rows=4), "gemv"),
+        (2, PallasConfig(gemv_max_m=2, gemv_rows=2, gemv_lookup="gather"), "gemv"),
         (20, PallasConfig(min_programs=1, block_m_dot=16, unroll=1), "dot"),
     ])
     def test_paths(self, m, config, path):
@@ -110,11 +111,33 @@ class TestPallasInterpret(HLWQMatmulSuite):
         x = jnp.asarray(rng.standard_normal((m, IN)), jnp.float32)
         self.check(self.run(x, repack(w), config=config), x, w)
 
-    def test_select_lookup_and_small_tile(self):
+    def test_select_lookup_on_the_dot_path(self):
         rng = np.random.default_rng(2)
         w = exact_weight(rng, 4, (OUT, IN))
+        x = jnp.asarray(rng.standard_normal((5, IN)), jnp.float32)
+        self.check(self.run(x, repack(w), config=PallasConfig(lookup="select")), x, w)
+
+    @pytest.mark.parametrize("bits", [3, 5, 6])
+    def test_gemv_split_rows_partial_sums(self, bits):
+        """Rows longer than gemv_max_tiles tiles are split over programs whose partial sums XLA adds."""
+        rng = np.random.default_rng(bits)
+        w = exact_weight(rng, bits, (OUT, 5 * 4096 + 300))  # 165 chunks: 21 tiles at 4 base bits, 11 at 2
+        x = jnp.asarray(rng.standard_normal((1, w.shape[1])), jnp.float32)
+        self.check(self.run(x, repack(w), config=PallasConfig(gemv_max_tiles=2)), x, w)
+
+    def test_gemv_shared_rotation(self):
+        rng = np.random.default_rng(4)
+        w = exact_weight(rng, 5, (OUT, IN), rotation="random-hadamard", seed=5)
         x = jnp.asarray(rng.standard_normal((1, IN)), jnp.float32)
-        self.check(self.run(x, repack(w), config=PallasConfig(lookup="select", block_n_fma=32)), x, w)
+        self.check(self.run(rotate_activations(x, w), repack(w), rotated=True), x, w)
+
+    def test_config_errors(self):
+        for bad in (dict(gemv_rows=3), dict(gemv_rows=256), dict(gemv_max_tiles=0), dict(gemv_lookup="lanes")):
+            with pytest.raises(ValueError, match="PallasConfig.gemv_"):
+                PallasConfig(**bad)
+        w = repack(exact_weight(np.random.default_rng(0), 6, (OUT, IN)))
+        with pytest.raises(ValueError, match="≤ 32 entries"):
+            self.run(jnp.ones((1, IN)), w, config=PallasConfig(gemv_lookup="shuffle"))
 
     def test_needs_gpu_or_interpret(self):
         if jax.default_backend() == "gpu":

@@ -1,22 +1,20 @@
 """Fused code-lookup HLWQ matmul as Pallas kernels lowered through Triton (GPU), or run in interpret mode (CPU).
 
 Every kernel streams the bit planes of ``HLWQPlanes`` (layout.py), rebuilds each code with shifts and masks, looks it
-up in the 2^b-entry table c/√B (a gather from a 2^b·4-byte array: one cache line at ≤ 5 bits, so it is served by L1)
-and applies one norm per (row, 128-code chunk). The activations are rotated beforehand (rotate.py; one small dot).
+up in the 2^b-entry table c/√B and applies one norm per (row, 128-code chunk). The activations are rotated
+beforehand (rotate.py; one small dot).
 
 Three paths, chosen by the token count M (``plan``; the config makes the thresholds explicit):
-  "fma"     M ≤ fma_max_m: GEMV-style kernel, grid over output tiles, CUDA-core multiply-adds, one pass over the
-            weights; the regime where bytes decide (decode).
-  "dot"     fma_max_m < M < dequant_min_m: grid (output tiles, token tiles); the dequantised [bn, 128] tile goes to
-            the tensor cores (tl.dot) against [bm, 128] activations.
-  "dequant" M ≥ dequant_min_m: a Pallas kernel writes r·c[code]/√B in bf16 once, then an XLA (cuBLAS) dot; at this
-            size the extra pass costs a few per cent of the matmul.
-Why Triton rather than Mosaic GPU: the table lookup is a pointer gather, which Mosaic GPU cannot lower (it would need
-a 2^b-way select chain per code); on the H200 the select chain costs 1.65× (4 bits) to 2.5× (5 bits) the gather.
-Status (results/bench_hlwq_matmul.md): correct everywhere, but on the H200 the GEMV is 4–5× *slower* than XLA's bf16
-GEMV — bounded by Triton's shared-memory layout conversions between the unpacked codes and the gathered table loads,
-not by bytes. A conversion-free variant (one word load per code, per-lane shifts) measured slower still (in_proj
-122–203 µs against 72; results/bench_hlwq_matmul_rest.md) and was removed.
+  "gemv"    M ≤ gemv_max_m (decode): gemv_triton.py — 16-byte code loads, one warp per program, the table lookup
+            a warp shuffle (≤ 5 bits); the regime where bytes decide.
+  "dot"     gemv_max_m < M < dequant_min_m: grid (output tiles, token tiles); the dequantised [bn, 128] tile goes to
+            the tensor cores (tl.dot) against [bm, 128] activations (``unpack_chunk``: join-based unpacking).
+  "dequant" M ≥ dequant_min_m: a Pallas kernel writes r·c[code]/√B in bf16 once, then an XLA (cuBLAS) dot.
+Why Triton rather than Mosaic GPU: Mosaic GPU lowers neither a pointer gather nor a register gather, so its lookup
+would be a 2^b-way select chain per code; on the H200 the select chain costs 1.65× (4 bits) to 2.5× (5 bits) the
+pointer gather (``lookup="select"`` is that ablation; results/bench_hlwq_matmul.md).
+Status: the "gemv" path beats XLA's bf16 GEMV on the large shapes (results/bench_hlwq_matmul_gemv.md); "dot" and
+"dequant" stay slower than bf16 (results/bench_hlwq_matmul*.md say by how much and why).
 """
 from __future__ import annotations
 
@@ -29,34 +27,42 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from hlwq_jax.ops.hlwq_matmul.gemv_triton import LOOKUPS, gemv_call, to_tile_order
 from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, repack
 from hlwq_jax.ops.hlwq_matmul.rotate import rotate_activations
 
 
 @dataclasses.dataclass(frozen=True)
 class PallasConfig:
-    # GEMV path up to this M: it took 687 µs at M = 4 on in_proj, the dot path 77–86 µs at M = 16 and 64
-    # (results/bench_hlwq_matmul_rest.md; M = 2–8 on the dot path is not timed)
-    fma_max_m: int = 1
+    gemv_max_m: int = 1  # the GEMV up to this M (its registers grow with M; M = 2–8 on it are not timed)
+    gemv_rows: int = 1  # output rows per one-warp program (a power of two ≤ 128); 1 beat 2 and 4 on the H200
+    gemv_max_tiles: int = 8  # 128-word tiles one program loads up front; longer rows are split (partial sums)
+    gemv_lookup: str = "auto"  # "shuffle" (≤ 5 bits) | "gather" (table load) | "auto": shuffle when it applies
     dequant_min_m: int = 1024
-    block_n_fma: int = 64  # output rows per program (divides 128); 64 beat 128 on the H200 (results/)
-    warps_fma: int = 4
-    stages_fma: int = 1
     block_m_dot: int = 64  # token rows per program (power of two ≥ 16)
     block_n_dot: int = 128
     warps_dot: int = 4
     stages_dot: int = 1
     block_n_deq: int = 64
     warps_deq: int = 4
-    unroll: int = 3  # chunks per loop iteration, statically unrolled so their loads are in flight together
-    min_programs: int = 528  # split the 128-column chunks over programs (partial sums) until the grid has this many
-    lookup: str = "gather"  # "gather" (table load) | "select" (2^b-way where chain: what Mosaic GPU would need)
+    unroll: int = 3  # dot path: chunks per loop iteration, statically unrolled so their loads are in flight together
+    min_programs: int = 528  # dot path: split the chunks over programs (partial sums) until the grid has this many
+    lookup: str = "gather"  # dot/dequant: "gather" (table load) | "select" (2^b-way where chain, the Mosaic ablation)
+
+    def __post_init__(self):
+        r = self.gemv_rows
+        if not (isinstance(r, int) and 1 <= r <= 128 and r & (r - 1) == 0):
+            raise ValueError(f"PallasConfig.gemv_rows must be a power of two in [1, 128], got {r!r}")
+        if not (isinstance(self.gemv_max_tiles, int) and self.gemv_max_tiles >= 1):
+            raise ValueError(f"PallasConfig.gemv_max_tiles must be an int ≥ 1, got {self.gemv_max_tiles!r}")
+        if self.gemv_lookup not in LOOKUPS:
+            raise ValueError(f"PallasConfig.gemv_lookup must be one of {LOOKUPS}, got {self.gemv_lookup!r}")
 
 
 def plan(m: int, config: PallasConfig) -> str:
-    """Which kernel path runs for M tokens: "fma" | "dot" | "dequant"."""
-    if m <= config.fma_max_m:
-        return "fma"
+    """Which kernel path runs for M tokens: "gemv" | "dot" | "dequant"."""
+    if m <= config.gemv_max_m:
+        return "gemv"
     return "dequant" if m >= config.dequant_min_m else "dot"
 
 
@@ -145,28 +151,6 @@ def chunk_loop(first, n, unroll, body, init):
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------------
-def _fma_kernel(x_ref, norms_ref, table_ref, *refs, widths, bn, m_rows, group, unroll, cpb, mode):
-    """x_ref f32 [M, padded_in]; norms_ref f16 [n_blocks, rows]; o_ref [n_groups, M, rows] (partial sums)."""
-    *plane_refs, o_ref = refs
-    r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
-    g = pl.program_id(1)
-    rows = pl.ds(r0, bn)
-
-    def body(c, accs):
-        vals = lookup(table_ref, unpack_chunk(plane_refs, widths, (), r0, bn, c), table_ref.shape[0], mode)
-        nrm = norms_ref[c // cpb, rows].astype(jnp.float32)  # [bn]
-        out = []
-        for m in range(m_rows):
-            xm = x_ref[m, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)]  # [128]
-            out.append(accs[m] + jnp.sum(vals * xm[None, :], axis=1) * nrm)
-        return tuple(out)
-
-    init = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m_rows))
-    accs = chunk_loop(g * group, group, unroll, body, init)
-    for m in range(m_rows):
-        o_ref[g, m, rows] = accs[m].astype(o_ref.dtype)
-
-
 def _dot_kernel(x_ref, norms_ref, table_ref, *refs, widths, bm, bn, group, unroll, cpb, precision, mode):
     """x_ref [Mp, padded_in] (bf16 or f32); o_ref [n_groups, Mp, rows]; grid (rows / bn, n_groups, Mp / bm)."""
     *plane_refs, o_ref = refs
@@ -204,23 +188,6 @@ def _params(warps, stages):
 def _reduce_groups(y, out_dtype):
     """[n_groups, M, rows] partial sums → [M, rows] (one small XLA fusion; none when there is one group)."""
     return y[0] if y.shape[0] == 1 else jnp.sum(y, axis=0).astype(out_dtype)
-
-
-def fma_call(xr, p: HLWQPlanes, out_dtype, config: PallasConfig, interpret: bool):
-    """xr f32 [M, padded_in] → [M, rows]."""
-    m = xr.shape[0]
-    bn = config.block_n_fma
-    n_groups = split_chunks(p.n_chunks, p.rows // bn, config.min_programs)
-    group = p.n_chunks // n_groups
-    kernel = functools.partial(_fma_kernel, widths=p.widths, bn=bn, m_rows=m, group=group,
-                               unroll=largest_divisor_at_most(group, config.unroll), cpb=p.block_size // CHUNK,
-                               mode=config.lookup)
-    y = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((n_groups, m, p.rows), out_dtype if n_groups == 1 else jnp.float32),
-        grid=(p.rows // bn, n_groups), compiler_params=_params(config.warps_fma, config.stages_fma),
-        interpret=interpret, name=f"hlwq_fma_q{p.bits}",
-    )(xr.astype(jnp.float32), p.norms_t, p.table, *p.planes)
-    return _reduce_groups(y, out_dtype)
 
 
 def dot_call(xr, p: HLWQPlanes, out_dtype, config: PallasConfig, interpret: bool):
@@ -276,8 +243,8 @@ def hlwq_matmul_pallas(x: jax.Array, w, *, config: PallasConfig = PallasConfig()
         return jnp.zeros((*lead, p.out_features), out_dtype)
     dot_dtype = jnp.float32 if jnp.dtype(out_dtype).itemsize >= 4 else out_dtype
     path = plan(m, config)
-    if path == "fma":
-        y = fma_call(xr, p, out_dtype, config, interpret)
+    if path == "gemv":
+        y = gemv_call(to_tile_order(xr.astype(jnp.float32), p), p, out_dtype, config, interpret)
     elif path == "dot":
         y = dot_call(xr.astype(dot_dtype), p, out_dtype, config, interpret)
     else:
