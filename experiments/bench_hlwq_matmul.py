@@ -379,8 +379,13 @@ def suite_full(record):
 
 def suite_gemv(record):
     """Decode (M = 1) on every Nemotron shape: the Pallas GEMV (gemv_triton.py) against bf16 and impl="xla" in the
-    same run, bf16 timed before and after each shape's quantized rows (the later one is the ratio's baseline)."""
+    same run, bf16 timed before and after each shape's quantized rows (the later one is the ratio's baseline); first
+    the grouped decode (6 of 128 experts, one token: the ragged kernel's decode path is this GEMV)."""
     d = PallasConfig()
+    run_moe(record, "decode", "bf16_dense", label="bf16 first (6 active experts)")
+    for bits in (5, 4):
+        run_moe(record, "decode", "pallas", bits=bits, config=RaggedPallasConfig(), label=f"pallas Q{bits}")
+    run_moe(record, "decode", "bf16_dense", label="bf16 (6 active experts)")
     for shp in ("lm_head", "in_proj", "q_proj", "out_proj", "expert_up", "expert_down"):
         run_dense(record, shp, 1, "bf16", label="bf16 first")
         for bits in (5, 4):
@@ -444,15 +449,16 @@ def render_xla(rows, head) -> str:
     """--suite xla: one table grouped by shape and M; ratio = time / bf16 time of the same shape and M (the issue's
     M ≥ 1024 target is ≤ 1.25×; its M = 1 targets are ≤ 0.40× for Q5 and ≤ 0.33× for Q4)."""
     base = bf16_baselines(rows)
-    timed = [r for r in rows if "time_us" in r and r.get("op") == "dense" and "warm-up" not in r["label"]]
+    timed = [r for r in rows if "time_us" in r and r.get("op") in ("dense", "moe_decode", "moe_prefill")
+             and "warm-up" not in r["label"]]
     order = {name: i for i, name in enumerate(SHAPES)}
     timed.sort(key=lambda r: (order.get(r["shape"], 99), r["m"]))  # stable: run order within a (shape, M)
-    lines = head + ["| shape | M | variant | time µs | GB/s | × bf16 time | kernels |",
-                    "|---|---|---|---|---|---|---|"]
+    lines = head + ["| op | shape | M | variant | time µs | GB/s | × bf16 time | kernels |",
+                    "|---|---|---|---|---|---|---|---|"]
     for r in timed:
         b = base.get((r["op"], r["shape"], r["m"]))
-        ratio = f"{r['time_us'] / b:.2f}×" if b and r["kind"] != "bf16" else "—"
-        lines.append(f"| {r['shape']} | {r['m']} | {r['label']} | {r['time_us']:.1f} | {r['gbps']:.0f} | {ratio} | "
+        ratio = f"{r['time_us'] / b:.2f}×" if b and not r["kind"].startswith("bf16") else "—"
+        lines.append(f"| {r['op']} | {r['shape']} | {r['m']} | {r['label']} | {r['time_us']:.1f} | {r['gbps']:.0f} | {ratio} | "
                      f"{r.get('hlo_kernels', '')} |")
     lines.append("\nGB/s: bytes actually moved / time (matmul rows: weight + x + y; \"rotation only\": x read + "
                  "float32 x̃ written; \"dequant only\": codes + norms read + bf16 rotated weight written, its M is the "

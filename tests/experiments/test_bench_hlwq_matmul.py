@@ -33,7 +33,7 @@ def test_xla_rows_and_render(tmp_path, monkeypatch):
     path = tmp_path / "b.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = bench.render(str(path))
-    table = [line for line in text.splitlines() if line.startswith("| in_proj")]
+    table = [line for line in text.splitlines() if line.startswith("| dense | in_proj")]
     assert len(table) == 5 and not any("warm-up" in line for line in table)
     q5 = next(line for line in table if "| xla Q5 |" in line)
     ratio = by_label["xla Q5"]["time_us"] / by_label["bf16"]["time_us"]

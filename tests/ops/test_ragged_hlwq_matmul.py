@@ -81,12 +81,17 @@ class TestPallasInterpret(RaggedSuite):
 
     @pytest.mark.parametrize("t,config,path", [
         (8, RaggedPallasConfig(), "decode"),
+        (8, RaggedPallasConfig(gemv_rows=2, gemv_max_tiles=1, gemv_lookup="gather"), "decode"),
         (8, RaggedPallasConfig(decode_max_rows=4, block_m=16, block_n=64), "grouped"),
-        (60, RaggedPallasConfig(block_m=16, block_n=128, min_programs=1), "grouped"),
+        (60, RaggedPallasConfig(block_m=16, block_n=128), "grouped"),
     ])
     def test_paths(self, t, config, path):
         assert plan(t, config) == path
         self.check(5, [3, 0, t - 6, 0, 1], t, config=config)
+
+    def test_config_errors(self):
+        with pytest.raises(ValueError, match="RaggedPallasConfig.gemv_rows"):
+            RaggedPallasConfig(gemv_rows=6)
 
     def test_planes_input_reads_only_routed_experts(self):
         """Poisoned (NaN-norm) experts that receive no tokens must not reach the output."""

@@ -61,6 +61,16 @@ def to_tile_order(xr: jax.Array, p: HLWQPlanes) -> jax.Array:
     return jnp.take(xr, jnp.asarray(tile_order(p)), axis=1)
 
 
+def check_settings(owner: str, rows: int, max_tiles: int, lookup: str) -> None:
+    """Validate a config's gemv_rows / gemv_max_tiles / gemv_lookup (``owner``: the config's class name)."""
+    if not (isinstance(rows, int) and 1 <= rows <= 128 and rows & (rows - 1) == 0):
+        raise ValueError(f"{owner}.gemv_rows must be a power of two in [1, 128], got {rows!r}")
+    if not (isinstance(max_tiles, int) and max_tiles >= 1):
+        raise ValueError(f"{owner}.gemv_max_tiles must be an int ≥ 1, got {max_tiles!r}")
+    if lookup not in LOOKUPS:
+        raise ValueError(f"{owner}.gemv_lookup must be one of {LOOKUPS}, got {lookup!r}")
+
+
 def resolve_lookup(lookup: str, bits: int) -> str:
     if lookup not in LOOKUPS:
         raise ValueError(f"gemv_lookup must be one of {LOOKUPS}, got {lookup!r}")
@@ -76,9 +86,17 @@ def load(ref, idx, mask):
     return ref[idx] if mask is None else pltriton.load(ref.at[idx], mask=mask, other=0)
 
 
-def _gemv_kernel(x_ref, norms_ref, table_ref, *refs, widths, rows_per_program, group, cpb, n_chunks, m_rows, lookup):
-    """x_ref f32 [M, n_tiles·F0·128] (tile order); o_ref [n_groups, M, rows]; grid (rows / R, n_groups)."""
-    *plane_refs, o_ref = refs
+def _gemv_kernel(*refs, widths, rows_per_program, group, cpb, n_chunks, m_rows, lookup, stacked):
+    """x_ref f32 [M, n_tiles·F0·128] (tile order); o_ref [n_groups, M, rows]; grid (rows / R, n_groups), every
+    program computing all M rows. ``stacked``: a leading expert_ref int32 [M], planes [E, rows, words], grid
+    (rows / R, n_groups, M): program (·, ·, m) computes token row m against expert expert_ref[m] (m_rows = 1)."""
+    if stacked:
+        expert_ref, x_ref, norms_ref, table_ref, *plane_refs, o_ref = refs
+        token = pl.program_id(2)
+        lead = (expert_ref[token],)
+    else:
+        x_ref, norms_ref, table_ref, *plane_refs, o_ref = refs
+        token, lead = 0, ()
     b0, r = widths[0], rows_per_program
     f0, nw = 32 // b0, CHUNK // (32 // b0)
     cpt = TILE_WORDS // nw
@@ -103,12 +121,12 @@ def _gemv_kernel(x_ref, norms_ref, table_ref, *refs, widths, rows_per_program, g
         c0 = (g * group + i) * cpt
         word = c0 * nw + slot
         mask = word < n_chunks * nw if ragged else None
-        base = load(plane_refs[0], (rows, word), mask)
+        base = load(plane_refs[0], (*lead, rows, word), mask)
         extra = None
         if len(widths) > 1:
-            extra = load(plane_refs[1], (rows, c0 * ne + slot // per), mask) >> eshift
+            extra = load(plane_refs[1], (*lead, rows, c0 * ne + slot // per), mask) >> eshift
         chunk = jnp.minimum(c0 + slot // nw, n_chunks - 1)
-        return base, extra, norms_ref[chunk // cpb, rows]
+        return base, extra, norms_ref[(*lead, chunk // cpb, rows)]
 
     def accumulate(i, data, accs):
         base, extra, norm = data
@@ -123,7 +141,7 @@ def _gemv_kernel(x_ref, norms_ref, table_ref, *refs, widths, rows_per_program, g
             code = code.astype(jnp.int32)
             val = lane_lookup(table, code, axis=1) if lookup == "shuffle" else table_ref[code]
             for m in range(m_rows):
-                xf = x_ref[m, (t * f0 + f) * TILE_WORDS + slot1]  # [VEC, LANES, 1]
+                xf = x_ref[token + m, (t * f0 + f) * TILE_WORDS + slot1]  # [VEC, LANES, 1]
                 sums[m] = val * xf if sums[m] is None else sums[m] + val * xf
         norm = norm.astype(jnp.float32)
         return [acc + s * norm for acc, s in zip(accs, sums)]
@@ -134,24 +152,35 @@ def _gemv_kernel(x_ref, norms_ref, table_ref, *refs, widths, rows_per_program, g
         accs = accumulate(i, data[i], accs)
     out_rows = row0 + ((lax.broadcasted_iota(jnp.int32, (r,), 0) * 5) & (r - 1))
     for m in range(m_rows):
-        o_ref[g, m, out_rows] = jnp.sum(accs[m], axis=(0, 1)).astype(o_ref.dtype)
+        o_ref[g, token + m, out_rows] = jnp.sum(accs[m], axis=(0, 1)).astype(o_ref.dtype)
 
 
-def gemv_call(x_tiles: jax.Array, p: HLWQPlanes, out_dtype, config, interpret: bool) -> jax.Array:
-    """x_tiles f32 [M, n_tiles·F0·128] (``to_tile_order``) → [M, rows]."""
+def gemv_call(x_tiles: jax.Array, p: HLWQPlanes, out_dtype, *, rows_per_program: int, max_tiles: int, lookup: str,
+              interpret: bool, expert_ids: jax.Array | None = None) -> jax.Array:
+    """x_tiles f32 [M, n_tiles·F0·128] (``to_tile_order``) → [M, rows].
+
+    ``expert_ids`` int32 [M] (stacked layouts [E, rows, words] only): token row m is multiplied by expert
+    expert_ids[m]; one program per (rows, chunk group, token), so only the experts named there are read.
+    """
     m = x_tiles.shape[0]
-    r = config.gemv_rows
+    stacked = expert_ids is not None
+    if stacked != (p.ndim == 3) or p.ndim not in (2, 3):
+        raise ValueError(f"gemv_call: expert_ids must be given exactly for stacked [E, out, in] layouts, got shape "
+                         f"{p.shape} with expert_ids {'given' if stacked else 'None'}")
+    r = rows_per_program
     _, _, _, n_tiles = tile_geometry(p)
-    n_groups = -(-n_tiles // config.gemv_max_tiles)
+    n_groups = -(-n_tiles // max_tiles)
     while n_tiles % n_groups:
         n_groups += 1
     group = n_tiles // n_groups
     kernel = functools.partial(_gemv_kernel, widths=p.widths, rows_per_program=r, group=group,
-                               cpb=p.block_size // CHUNK, n_chunks=p.n_chunks, m_rows=m,
-                               lookup=resolve_lookup(config.gemv_lookup, p.bits))
+                               cpb=p.block_size // CHUNK, n_chunks=p.n_chunks, m_rows=1 if stacked else m,
+                               lookup=resolve_lookup(lookup, p.bits), stacked=stacked)
+    grid = (p.rows // r, n_groups, m) if stacked else (p.rows // r, n_groups)
+    lead_args = (expert_ids.astype(jnp.int32),) if stacked else ()
     y = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((n_groups, m, p.rows), out_dtype if n_groups == 1 else jnp.float32),
-        grid=(p.rows // r, n_groups), compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
+        grid=grid, compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
         interpret=interpret, name=f"hlwq_gemv_q{p.bits}",
-    )(x_tiles.astype(jnp.float32), p.norms_t, p.table, *p.planes)
+    )(*lead_args, x_tiles.astype(jnp.float32), p.norms_t, p.table, *p.planes)
     return y[0] if n_groups == 1 else jnp.sum(y, axis=0).astype(out_dtype)

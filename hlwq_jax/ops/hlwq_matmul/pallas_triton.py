@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from hlwq_jax.ops.hlwq_matmul.gemv_triton import LOOKUPS, gemv_call, to_tile_order
+from hlwq_jax.ops.hlwq_matmul.gemv_triton import check_settings, gemv_call, to_tile_order
 from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, repack
 from hlwq_jax.ops.hlwq_matmul.rotate import rotate_activations
 
@@ -50,13 +50,7 @@ class PallasConfig:
     lookup: str = "gather"  # dot/dequant: "gather" (table load) | "select" (2^b-way where chain, the Mosaic ablation)
 
     def __post_init__(self):
-        r = self.gemv_rows
-        if not (isinstance(r, int) and 1 <= r <= 128 and r & (r - 1) == 0):
-            raise ValueError(f"PallasConfig.gemv_rows must be a power of two in [1, 128], got {r!r}")
-        if not (isinstance(self.gemv_max_tiles, int) and self.gemv_max_tiles >= 1):
-            raise ValueError(f"PallasConfig.gemv_max_tiles must be an int ≥ 1, got {self.gemv_max_tiles!r}")
-        if self.gemv_lookup not in LOOKUPS:
-            raise ValueError(f"PallasConfig.gemv_lookup must be one of {LOOKUPS}, got {self.gemv_lookup!r}")
+        check_settings("PallasConfig", self.gemv_rows, self.gemv_max_tiles, self.gemv_lookup)
 
 
 def plan(m: int, config: PallasConfig) -> str:
@@ -244,7 +238,8 @@ def hlwq_matmul_pallas(x: jax.Array, w, *, config: PallasConfig = PallasConfig()
     dot_dtype = jnp.float32 if jnp.dtype(out_dtype).itemsize >= 4 else out_dtype
     path = plan(m, config)
     if path == "gemv":
-        y = gemv_call(to_tile_order(xr.astype(jnp.float32), p), p, out_dtype, config, interpret)
+        y = gemv_call(to_tile_order(xr.astype(jnp.float32), p), p, out_dtype, rows_per_program=config.gemv_rows,
+                      max_tiles=config.gemv_max_tiles, lookup=config.gemv_lookup, interpret=interpret)
     elif path == "dot":
         y = dot_call(xr.astype(dot_dtype), p, out_dtype, config, interpret)
     else:

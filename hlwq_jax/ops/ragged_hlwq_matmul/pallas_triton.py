@@ -1,9 +1,10 @@
 """Dropless grouped HLWQ matmul as Pallas (Triton) kernels over stacked expert planes [E, rows, words].
 
 Two paths (``plan``):
-  "decode"  T ≤ decode_max_rows: grid (slot, output tile) over the at most min(T, E) experts that received tokens
-            (``jnp.nonzero`` with a static size); each program streams one expert's codes once per token of its
-            group with CUDA-core multiply-adds. Experts without tokens are never read.
+  "decode"  T ≤ decode_max_rows: the dense decode GEMV (hlwq_matmul/gemv_triton.py) with one program per (output
+            rows, token row), each reading the expert its token row is routed to (the expert id per row comes from
+            ``searchsorted`` over the group ends). Experts without tokens are never read; an expert shared by
+            several token rows is streamed once per row (from L2 after the first).
   "grouped" otherwise: a tile schedule (expert, first row, last row) with ≤ ⌈T / bm⌉ + E + 1 tiles; each program
             dequantises a [bn, 128] tile of its expert per chunk and feeds the tensor cores against [bm, 128]
             activation rows, storing only its group's rows (masked). Rows past Σ group_sizes form a virtual group
@@ -20,9 +21,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from hlwq_jax.ops.hlwq_matmul.gemv_triton import check_settings, gemv_call, to_tile_order
 from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, repack
 from hlwq_jax.ops.hlwq_matmul.pallas_triton import (check_can_run, chunk_loop, largest_divisor_at_most, lookup,
-                                                    split_chunks, unpack_chunk)
+                                                    unpack_chunk)
 from hlwq_jax.ops.hlwq_matmul.rotate import rotate_activations
 from hlwq_jax.ops.ragged_hlwq_matmul.reference import check_args
 
@@ -30,43 +32,21 @@ from hlwq_jax.ops.ragged_hlwq_matmul.reference import check_args
 @dataclasses.dataclass(frozen=True)
 class RaggedPallasConfig:
     decode_max_rows: int = 16
-    block_n_fma: int = 64
-    warps_fma: int = 4
-    stages_fma: int = 1
+    gemv_rows: int = 1  # decode: the dense GEMV's settings (hlwq_matmul.PallasConfig), one program per token row
+    gemv_max_tiles: int = 8
+    gemv_lookup: str = "auto"
     block_m: int = 64
     block_n: int = 128
     warps: int = 4
     stages: int = 1
     unroll: int = 1  # (ptxas: unroll 3 with bn 128 spills; 1 does not)
-    min_programs: int = 528
+
+    def __post_init__(self):
+        check_settings("RaggedPallasConfig", self.gemv_rows, self.gemv_max_tiles, self.gemv_lookup)
 
 
 def plan(t: int, config: RaggedPallasConfig) -> str:
     return "decode" if t <= config.decode_max_rows else "grouped"
-
-
-def _decode_kernel(slot_e_ref, slot_s_ref, slot_t_ref, x_ref, norms_ref, table_ref, *refs, widths, bn, group,
-                   unroll, cpb):
-    """x_ref f32 [T, padded_in]; norms_ref f16 [E, n_blocks, rows]; o_ref [n_groups, T, rows] (partial sums);
-    grid (slot, rows / bn, n_groups)."""
-    *plane_refs, o_ref = refs
-    s = pl.program_id(0)
-    r0 = pl.multiple_of(pl.program_id(1) * bn, bn)
-    g = pl.program_id(2)
-    rows = pl.ds(r0, bn)
-    e, start, stop = slot_e_ref[s], slot_s_ref[s], slot_t_ref[s]
-
-    def token(t, carry):
-        def body(c, acc):
-            vals = lookup(table_ref, unpack_chunk(plane_refs, widths, (e,), r0, bn, c), table_ref.shape[0], "gather")
-            xm = x_ref[t, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)]  # [128]
-            return acc + jnp.sum(vals * xm[None, :], axis=1) * norms_ref[e, c // cpb, rows].astype(jnp.float32)
-
-        acc = chunk_loop(g * group, group, unroll, body, jnp.zeros((bn,), jnp.float32))
-        o_ref[g, t, rows] = acc.astype(o_ref.dtype)
-        return carry
-
-    lax.fori_loop(start, stop, token, 0)
 
 
 def _grouped_kernel(tile_e_ref, tile_s_ref, tile_t_ref, x_ref, norms_ref, table_ref, *refs, widths, bm, bn,
@@ -95,17 +75,6 @@ def _grouped_kernel(tile_e_ref, tile_s_ref, tile_t_ref, x_ref, norms_ref, table_
     @pl.when((stop > start) & (e < 0))
     def _zeros():
         pltriton.store(o_ref.at[toks, rows], jnp.zeros((bm, bn), o_ref.dtype), mask=mask)
-
-
-def _slots(group_sizes, n_slots):
-    """(expert, start, stop) int32 [n_slots] for the experts with tokens; unused slots have start = stop = 0."""
-    ends = jnp.cumsum(group_sizes)
-    starts = ends - group_sizes
-    (active,) = jnp.nonzero(group_sizes > 0, size=n_slots, fill_value=-1)
-    used = active >= 0
-    a = jnp.maximum(active, 0)
-    return (jnp.where(used, a, 0).astype(jnp.int32), jnp.where(used, starts[a], 0).astype(jnp.int32),
-            jnp.where(used, ends[a], 0).astype(jnp.int32))
 
 
 def _tiles(group_sizes, t: int, bm: int):
@@ -142,20 +111,12 @@ def ragged_hlwq_matmul_pallas(x_sorted: jax.Array, w, group_sizes: jax.Array, *,
     xr = rotate_activations(x_sorted, p)  # f32 [T, padded_in]
     cpb = p.block_size // CHUNK
     if plan(t, config) == "decode":
-        bn = config.block_n_fma
-        n_slots = min(t, n_e)
-        n_groups = split_chunks(p.n_chunks, n_slots * (p.rows // bn), config.min_programs)
-        group = p.n_chunks // n_groups
-        kernel = functools.partial(_decode_kernel, widths=p.widths, bn=bn, group=group,
-                                   unroll=largest_divisor_at_most(group, config.unroll), cpb=cpb)
-        y = pl.pallas_call(
-            kernel, out_shape=jax.ShapeDtypeStruct((n_groups, t, p.rows), jnp.float32),
-            grid=(n_slots, p.rows // bn, n_groups),
-            compiler_params=pltriton.CompilerParams(num_warps=config.warps_fma, num_stages=config.stages_fma),
-            interpret=interpret, name=f"hlwq_ragged_decode_q{p.bits}",
-        )(*_slots(group_sizes, n_slots), xr, p.norms_t, p.table, *p.planes)
-        y = jnp.sum(y, axis=0)  # rows of no slot are garbage here and zeroed below (T ≤ decode_max_rows: tiny)
-        covered = jnp.arange(t) < jnp.sum(group_sizes)  # rows past the groups: zero (T ≤ decode_max_rows: tiny)
+        ends = jnp.cumsum(group_sizes)
+        expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(t, dtype=jnp.int32), side="right"), n_e - 1)
+        y = gemv_call(to_tile_order(xr, p), p, jnp.float32, rows_per_program=config.gemv_rows,
+                      max_tiles=config.gemv_max_tiles, lookup=config.gemv_lookup, interpret=interpret,
+                      expert_ids=expert.astype(jnp.int32))
+        covered = jnp.arange(t) < ends[-1]  # rows past the groups read the last expert here and are zeroed
         return jnp.where(covered[:, None], y[:, : p.out_features], 0).astype(out_dtype)
     bm, bn = config.block_m, config.block_n
     dot_dtype = jnp.float32 if jnp.dtype(out_dtype).itemsize >= 4 else out_dtype
