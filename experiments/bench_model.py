@@ -2,8 +2,12 @@
 
 Command (H200, jax 0.11.2 + CUDA; ~3-5 min, mostly compiles):
     PYTHONPATH=. python3 experiments/bench_model.py --out $OUT/bench_model.json
+    PYTHONPATH=. python3 experiments/bench_model.py --variants bf16,hlwq5,hlwq5-pallas \
+        --fused-decode bf16,hlwq5,hlwq5-pallas --out $OUT/bench_model_kernels.json    # + the Pallas decode GEMV
     PYTHONPATH=. python3 experiments/bench_model.py --tiny --out /tmp/bench_model.json      # CPU plumbing check
-Measures, for bf16 weights and for HLWQ Q5 (default Mamba-aware recipe, XLA path: hlwq_matmul / dequantize):
+Measures, for bf16 weights and for HLWQ Q5 (default Mamba-aware recipe, XLA path: hlwq_matmul / dequantize; variant
+"hlwq5-pallas": the same weights with the dense projections on impl="pallas-decode" — the Pallas decode GEMV for
+one-token steps, XLA otherwise — via ``nn.linear.select_kernels``; interpret mode off a GPU):
   * prefill tokens/s at --prefill-len (4096) tokens, batch 1 (filling a KV / SSM cache);
   * decode tokens/s at batch 1, 8, 64 (greedy feedback on device, KV window --context + steps);
   Both run layer by layer (nemotron_h.forward_layerwise: a few small compiles instead of one 52-layer program per
@@ -198,12 +202,18 @@ def main(argv=None) -> dict:
             p = params
         elif variant.startswith("hlwq"):
             from hlwq_jax import Recipe, quantize_params
+            from hlwq_jax.nn.linear import select_kernels
+            bits, _, kernels = variant[4:].partition("-")
+            if kernels not in ("", "pallas"):
+                raise ValueError(f"unknown variant {variant!r} (bf16 | hlwq<bits> | hlwq<bits>-pallas)")
             t0 = time.perf_counter()
-            p, _ = quantize_params(params, Recipe.default(int(variant[4:])), with_stats=False)
+            p, _ = quantize_params(params, Recipe.default(int(bits)), with_stats=False)
+            if kernels == "pallas":  # dense projections: the Pallas decode GEMV at M = 1, impl="xla" otherwise
+                p = select_kernels(p, "pallas-decode", interpret=jax.default_backend() != "gpu")
             jax.block_until_ready(p)
             res.setdefault("quantize_s", {})[variant] = time.perf_counter() - t0
         else:
-            raise ValueError(f"unknown variant {variant!r} (bf16 | hlwq<bits>)")
+            raise ValueError(f"unknown variant {variant!r} (bf16 | hlwq<bits> | hlwq<bits>-pallas)")
         v = res["variants"][variant] = {"weight_bytes": nh.param_bytes(p)}
         print(f"[{variant}] weights {v['weight_bytes'] / 1e9:.2f} GB", flush=True)
         v["prefill"] = bench_prefill(cfg, p, args.prefill_len, args.iters, jax.random.fold_in(key, 1))

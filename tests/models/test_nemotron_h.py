@@ -206,6 +206,25 @@ def test_quantized_leaves_run_the_model(tiny, fwd):
     assert 1e-3 < _rel(got, full) < 1.0
 
 
+def test_kernels_selected_per_leaf(tiny, fwd):
+    """select_kernels: the dense HLWQ projections run the Pallas decode GEMV (interpret mode here) for a one-token
+    step and impl="xla" for a longer one; the logits equal those of the same leaves on impl="xla"."""
+    from hlwq_jax import QuantSpec, Recipe, quantize_params
+    from hlwq_jax.nn.linear import KernelChoice, select_kernels
+    from hlwq_jax.quant.array import HLWQArray
+    cfg, params = tiny
+    q, _ = quantize_params(params, Recipe.mamba_aware(QuantSpec(bits=5, block_size=128)), with_stats=False)
+    k = select_kernels(q, "pallas-decode", interpret=True)
+    assert isinstance(k["layers"][0]["mixer"]["in_proj"], KernelChoice)
+    assert isinstance(k["layers"][2]["mixer"]["experts"]["up_proj"], HLWQArray)  # stacked experts: left alone
+    for tokens in (_tokens()[:1, :1], _tokens()[:1, :5]):
+        got, _ = fwd(cfg, k, tokens)
+        want, _ = fwd(cfg, q, tokens)
+        assert _rel(got, want) < 1e-5
+    with pytest.raises(ValueError, match="unknown hlwq_matmul impl"):
+        select_kernels(q, "cuda")
+
+
 @pytest.mark.slow
 def test_quantized_logit_error_falls_with_bits(tiny, fwd):
     from hlwq_jax import QuantSpec, Recipe, quantize_params

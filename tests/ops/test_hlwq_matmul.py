@@ -139,6 +139,17 @@ class TestPallasInterpret(HLWQMatmulSuite):
         with pytest.raises(ValueError, match="≤ 32 entries"):
             self.run(jnp.ones((1, IN)), w, config=PallasConfig(gemv_lookup="shuffle"))
 
+    @pytest.mark.parametrize("m", [1, 3])
+    def test_pallas_decode_impl(self, m):
+        """impl="pallas-decode": the GEMV at M ≤ gemv_max_m, impl="xla" above; both against the oracle."""
+        rng = np.random.default_rng(m)
+        w = exact_weight(rng, 5, (OUT, IN))
+        x = jnp.asarray(rng.standard_normal((m, IN)), jnp.float32)
+        y = hlwq_matmul(x, repack(w), impl="pallas-decode", interpret=True)
+        self.check(y, x, w)
+        if m > 1 and jax.default_backend() != "gpu":  # no Pallas call at M = 3: runs without interpret on a CPU
+            self.check(hlwq_matmul(x, repack(w), impl="pallas-decode"), x, w)
+
     def test_needs_gpu_or_interpret(self):
         if jax.default_backend() == "gpu":
             pytest.skip("a GPU is present")

@@ -4,10 +4,14 @@
     impl="xla"        rotate the activations, contract the codes in XLA (xla.py; runs anywhere)
     impl="pallas"     fused code-lookup Pallas kernels (pallas_triton.py): GPU, or the CPU with interpret=True;
                       anything else raises (no fallback)
+    impl="pallas-decode"  the Pallas GEMV for M ≤ config.gemv_max_m tokens and impl="xla" above — the pairing a
+                      model wants (the Pallas GEMV beats bf16 at decode; at M > 1 XLA's paths beat the Pallas ones,
+                      results/bench_hlwq_matmul*.md); its Pallas part has the same GPU-or-interpret rule
 Register another with ``register(name, fn)``; ``fn(x, w, *, config, interpret, rotated)``.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -42,9 +46,18 @@ def _pallas(x, w, *, config=None, interpret=False, rotated=False):
                                             interpret=interpret, rotated=rotated)
 
 
+def _pallas_decode(x, w, *, config=None, interpret=False, rotated=False):
+    config = config or pallas_triton.PallasConfig()
+    m = math.prod(x.shape[:-1])
+    if m <= config.gemv_max_m:
+        return _pallas(x, w, config=config, interpret=interpret, rotated=rotated)
+    return _xla(x, w, rotated=rotated)
+
+
 register("reference", _reference)
 register("xla", _xla)
 register("pallas", _pallas)
+register("pallas-decode", _pallas_decode)
 
 
 def hlwq_matmul(x: jax.Array, w, impl: str = "xla", interpret: bool = False, *, config=None,
