@@ -15,8 +15,9 @@ then integer instructions per code; the layout of every tile below follows from 
   table, which L1 serves: ``gemv_lookup="auto"``).
 * Per chunk the field sums are scaled by the (row, chunk) norm; the R row sums are reduced across lanes at the end.
 
-The row index is permuted inside a program ((r · 5) mod R) so that no load looks contiguous along rows to Triton's
-coalescing pass; otherwise the norm load would get its own layout and a shared-memory conversion in the loop.
+With R ≥ 8 rows per program the row index is permuted inside the program ((r · 5) mod R; the identity for R ≤ 4)
+so that no load looks contiguous along rows to Triton's coalescing pass, which would otherwise give the norm load its
+own layout and a shared-memory conversion per tile (seen in the compiled IR of a 16-row scratch version).
 Measurements and what bounds this kernel: results/bench_hlwq_matmul_gemv.md.
 """
 from __future__ import annotations
