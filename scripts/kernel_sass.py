@@ -1,0 +1,104 @@
+"""Compile a Pallas-Triton kernel of this project to SASS on a machine WITHOUT a GPU and count its instructions.
+
+How the seventh session designed the decode GEMV (results/gemv_explore/): lower the kernel for CUDA on the CPU
+(Pallas emits Triton IR; the GPU query is answered as an H100/H200, sm_90), compile that IR with a local Triton of the
+device's version (3.6.0), then ptxas -v (registers, spills) and cuobjdump -sass. Layout conversions, barriers,
+shared-memory traffic and instructions per code show up here before any device time is spent.
+
+Needs Triton next to the project, not in its dependencies:
+    python3.12 -m pip install --target /tmp/tri triton==3.6.0
+    .venv/bin/python scripts/kernel_sass.py --triton /tmp/tri --bits 5 --shape 131072 2688 [--stacked 128]
+Prints: kernels found, registers, instruction histogram (whole kernel), convert_layout ops in the TTGIR.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)")
+
+
+def sass_histogram(sass_text: str) -> collections.Counter:
+    """Opcode (without modifiers) → count, over every instruction line of ``cuobjdump -sass`` output."""
+    return collections.Counter(m.group(2) for line in sass_text.splitlines() if (m := _SASS_LINE.match(line)))
+
+
+def lower_gemv_ttir(bits: int, out: int, n_in: int, stacked: int) -> list[str]:
+    """Triton IR (generic MLIR text) of the decode GEMV for an [out, n_in] (or [stacked, out, n_in]) Q``bits``
+    weight, lowered for CUDA on this host."""
+    import jax
+    import jax.numpy as jnp
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
+
+    reg.gpu_info_lib.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    texts, lower = [], reg.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        texts.append(result.module.operation.get_asm(print_generic_op_form=True))
+        return result
+
+    reg.lowering.lower_jaxpr_to_triton_module = capture
+    import hlwq_jax.ops.hlwq_matmul.pallas_triton as pt
+    import hlwq_jax.ops.ragged_hlwq_matmul.pallas_triton as rpt
+    from hlwq_jax.ops.hlwq_matmul import hlwq_matmul
+    from hlwq_jax.ops.hlwq_matmul.layout import PLANE_WIDTHS, ROW_ALIGN, HLWQPlanes
+    from hlwq_jax.ops.ragged_hlwq_matmul import ragged_hlwq_matmul
+
+    pt.check_can_run = rpt.check_can_run = lambda interpret: None  # lowering only: nothing runs here
+    s = jax.ShapeDtypeStruct
+    rows, nc = -(-out // ROW_ALIGN) * ROW_ALIGN, -(-n_in // 128)
+    lead = (stacked,) if stacked else ()
+    planes = tuple(s((*lead, rows, nc * 4 * w), jnp.uint32) for w in PLANE_WIDTHS[bits])
+    p = HLWQPlanes(planes=planes, norms_t=s((*lead, nc, rows), jnp.float16), table=s((2 ** bits,), jnp.float32),
+                   codebook=s((2 ** bits,), jnp.float32), bits=bits, block_size=128, shape=(*lead, out, n_in))
+    if stacked:
+        fn = jax.jit(lambda x, w, g: ragged_hlwq_matmul(x, w, g, impl="pallas"))
+        fn.trace(s((6, n_in), jnp.bfloat16), p, s((stacked,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    else:
+        fn = jax.jit(lambda x, w: hlwq_matmul(x, w, impl="pallas"))
+        fn.trace(s((1, n_in), jnp.bfloat16), p).lower(lowering_platforms=("cuda",))
+    return texts
+
+
+def compile_sass(ttir: str, triton_dir: str, work: pathlib.Path, num_warps: int = 1) -> dict:
+    """Compile one TTIR module with the Triton found in ``triton_dir`` for sm_90a; returns its texts and counts."""
+    src = work / "kernel.ttir"
+    src.write_text(ttir)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import triton; from triton.backends.compiler import GPUTarget;"
+            "k = triton.compile(sys.argv[2], target=GPUTarget('cuda', 90, 32), options=dict(num_warps=int(sys.argv[4]),"
+            " num_stages=1)); d = sys.argv[3]; open(d + '/kernel.ttgir', 'w').write(k.asm['ttgir']);"
+            "open(d + '/kernel.ptx', 'w').write(k.asm['ptx']); open(d + '/kernel.cubin', 'wb').write(k.asm['cubin'])")
+    subprocess.run([sys.executable, "-c", code, triton_dir, str(src), str(work), str(num_warps)], check=True)
+    bin_dir = pathlib.Path(triton_dir) / "triton" / "backends" / "nvidia" / "bin"
+    ptxas = subprocess.run([str(bin_dir / "ptxas"), "-arch=sm_90a", "-v", str(work / "kernel.ptx"), "-o",
+                            str(work / "kernel.o")], capture_output=True, text=True, check=True).stderr
+    sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(work / "kernel.cubin")], capture_output=True,
+                          text=True, check=True).stdout
+    return dict(ptxas=" ".join(l.strip() for l in ptxas.splitlines() if "registers" in l),
+                histogram=sass_histogram(sass), converts=(work / "kernel.ttgir").read_text().count("convert_layout"))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--triton", required=True, help="directory holding a `triton` package (3.6.0 for the H200)")
+    ap.add_argument("--bits", type=int, default=5)
+    ap.add_argument("--shape", type=int, nargs=2, default=(131072, 2688), metavar=("OUT", "IN"))
+    ap.add_argument("--stacked", type=int, default=0, help="experts E: the ragged decode kernel instead")
+    args = ap.parse_args(argv)
+    texts = lower_gemv_ttir(args.bits, *args.shape, args.stacked)
+    print(f"kernels: {len(texts)}")
+    for i, ttir in enumerate(texts):
+        with tempfile.TemporaryDirectory() as d:
+            r = compile_sass(ttir, args.triton, pathlib.Path(d))
+        print(f"[{i}] {r['ptxas']}; {sum(r['histogram'].values())} instructions; convert_layout ops: {r['converts']}")
+        print("    " + " ".join(f"{op}:{n}" for op, n in r["histogram"].most_common(16)))
+
+
+if __name__ == "__main__":
+    main()
