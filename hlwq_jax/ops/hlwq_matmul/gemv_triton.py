@@ -82,6 +82,11 @@ def resolve_lookup(lookup: str, bits: int) -> str:
     return lookup
 
 
+def reduce_groups(y, out_dtype):
+    """[n_groups, M, rows] partial sums → [M, rows] (one small XLA fusion; none when there is one group)."""
+    return y[0] if y.shape[0] == 1 else jnp.sum(y, axis=0).astype(out_dtype)
+
+
 def load(ref, idx, mask):
     """ref[idx], zeros where ``mask`` is False (no mask: a plain load)."""
     return ref[idx] if mask is None else pltriton.load(ref.at[idx], mask=mask, other=0)
@@ -184,4 +189,4 @@ def gemv_call(x_tiles: jax.Array, p: HLWQPlanes, out_dtype, *, rows_per_program:
         grid=grid, compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
         interpret=interpret, name=f"hlwq_gemv_q{p.bits}",
     )(*lead_args, x_tiles.astype(jnp.float32), p.norms_t, p.table, *p.planes)
-    return y[0] if n_groups == 1 else jnp.sum(y, axis=0).astype(out_dtype)
+    return reduce_groups(y, out_dtype)

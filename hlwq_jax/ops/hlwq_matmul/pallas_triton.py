@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from hlwq_jax.ops.hlwq_matmul.gemv_triton import check_settings, gemv_call, to_tile_order
+from hlwq_jax.ops.hlwq_matmul.gemv_triton import check_settings, gemv_call, reduce_groups, to_tile_order
 from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, repack
 from hlwq_jax.ops.hlwq_matmul.rotate import rotate_activations
 
@@ -179,11 +179,6 @@ def _params(warps, stages):
     return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
-def _reduce_groups(y, out_dtype):
-    """[n_groups, M, rows] partial sums → [M, rows] (one small XLA fusion; none when there is one group)."""
-    return y[0] if y.shape[0] == 1 else jnp.sum(y, axis=0).astype(out_dtype)
-
-
 def dot_call(xr, p: HLWQPlanes, out_dtype, config: PallasConfig, interpret: bool):
     """xr [M, padded_in] in the dot dtype (bf16 or f32) → [M, rows]."""
     m = xr.shape[0]
@@ -203,7 +198,7 @@ def dot_call(xr, p: HLWQPlanes, out_dtype, config: PallasConfig, interpret: bool
         grid=(p.rows // bn, n_groups, mp // bm), compiler_params=_params(config.warps_dot, config.stages_dot),
         interpret=interpret, name=f"hlwq_dot_q{p.bits}",
     )(xr, p.norms_t, p.table, *p.planes)
-    return _reduce_groups(y, out_dtype)[:m]
+    return reduce_groups(y, out_dtype)[:m]
 
 
 def dequant_call(p: HLWQPlanes, dtype, config: PallasConfig, interpret: bool):
