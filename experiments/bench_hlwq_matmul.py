@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hlwq_jax.ops.hlwq_matmul import PallasConfig, XlaConfig, hlwq_matmul, plan, repack, rotate_activations
+from hlwq_jax.ops.hlwq_matmul.gemv_triton import GemvConfig
 from hlwq_jax.ops.hlwq_matmul.layout import HLWQPlanes
 from hlwq_jax.ops.hlwq_matmul.xla import rotated_weight
 from hlwq_jax.ops.ragged_hlwq_matmul import RaggedPallasConfig, ragged_hlwq_matmul
@@ -344,7 +345,6 @@ def suite_full(record):
         run_dense(record, shp, 1, "xla_deq", 5)
         run_dense(record, shp, 1, "pallas", 5, d, label="pallas Q5")
         run_dense(record, shp, 1, "pallas", 4, d, label="pallas Q4")
-        run_dense(record, shp, 1, "pallas", 5, dataclasses.replace(d, gemv_rows=2), label="pallas Q5 rows2")
         run_dense(record, shp, 1, "pallas", 5, d, rotated=True, label="pallas Q5 pre-rotated")
     run_dense(record, "in_proj", 1, "rotate", 5, label="rotation only")
     run_dense(record, "in_proj", 1, "xla", 5, label="xla (codes, fused reduce)")
@@ -377,26 +377,38 @@ def suite_full(record):
         run_dense(record, "lm_head", m, "pallas", 5, d, label="pallas Q5")
 
 
-def suite_gemv(record):
+GEMV_VARIANTS = {  # label suffix: GemvConfig fields (the default first); suite_gemv times each on lm_head and in_proj
+    "": {}, "rows1": dict(rows=1), "rows4": dict(rows=4, max_steps=8), "tiles3": dict(max_tiles=3),
+    "L1-table lookup": dict(lookup="gather"),
+}
+
+
+def suite_gemv(record, variants=True):
     """Decode (M = 1) on every Nemotron shape: the Pallas GEMV (gemv_triton.py) against bf16 and impl="xla" in the
-    same run, bf16 timed before and after each shape's quantized rows (the later one is the ratio's baseline); first
-    the grouped decode (6 of 128 experts, one token: the ragged kernel's decode path is this GEMV)."""
+    same run, bf16 timed before and after each shape's quantized rows (the later one is the ratio's baseline); the
+    GemvConfig variants on lm_head and in_proj first (``variants``), then the grouped decode (6 of 128 experts, one
+    token: the ragged kernel's decode path is this GEMV), then the other shapes and bit widths."""
     d = PallasConfig()
+    for shp in ("lm_head", "in_proj"):
+        run_dense(record, shp, 1, "bf16", label="bf16 first")
+        for bits in (5, 4):
+            run_dense(record, shp, 1, "pallas", bits, d, label=f"pallas Q{bits}")
+        for name, fields in list(GEMV_VARIANTS.items())[1:] if variants else ():
+            cfg = dataclasses.replace(d, gemv=GemvConfig(**fields))
+            run_dense(record, shp, 1, "pallas", 5, cfg, label=f"pallas Q5 {name}")
+        run_dense(record, shp, 1, "bf16")
     run_moe(record, "decode", "bf16_dense", label="bf16 first (6 active experts)")
     for bits in (5, 4):
         run_moe(record, "decode", "pallas", bits=bits, config=RaggedPallasConfig(), label=f"pallas Q{bits}")
     run_moe(record, "decode", "bf16_dense", label="bf16 (6 active experts)")
-    for shp in ("lm_head", "in_proj", "q_proj", "out_proj", "expert_up", "expert_down"):
+    for shp in ("q_proj", "out_proj", "expert_up", "expert_down"):
         run_dense(record, shp, 1, "bf16", label="bf16 first")
         for bits in (5, 4):
             run_dense(record, shp, 1, "pallas", bits, d, label=f"pallas Q{bits}")
+        run_dense(record, shp, 1, "bf16")
+    for shp in ("lm_head", "in_proj", "q_proj"):
         run_dense(record, shp, 1, "pallas", 5, d, rotated=True, label="pallas Q5 pre-rotated")
         run_dense(record, shp, 1, "xla", 5, XlaConfig(), label="xla Q5")
-        if shp in ("lm_head", "in_proj"):
-            run_dense(record, shp, 1, "pallas", 5, dataclasses.replace(d, gemv_rows=2), label="pallas Q5 rows2")
-            run_dense(record, shp, 1, "pallas", 5, dataclasses.replace(d, gemv_lookup="gather"),
-                      label="pallas Q5 L1-table lookup")
-        run_dense(record, shp, 1, "bf16")
     for bits in (3, 6, 8):
         run_dense(record, "lm_head", 1, "pallas", bits, d, label=f"pallas Q{bits}")
 

@@ -8,7 +8,9 @@ shared-memory traffic and instructions per code show up here before any device t
 Needs Triton next to the project, not in its dependencies:
     python3.12 -m pip install --target /tmp/tri triton==3.6.0
     .venv/bin/python scripts/kernel_sass.py --triton /tmp/tri --bits 5 --shape 131072 2688 [--stacked 128]
-Prints: kernels found, registers, instruction histogram (whole kernel), convert_layout ops in the TTGIR.
+Prints: kernels found, registers, instruction histogram (whole kernel and each loop body), convert_layout ops in the
+TTGIR. ``--gemv rows=4,max_tiles=1`` picks a GemvConfig; ``--dump DIR`` keeps the ttgir / ptx / sass (where a load
+sits in the schedule shows there).
 """
 from __future__ import annotations
 
@@ -28,9 +30,25 @@ def sass_histogram(sass_text: str) -> collections.Counter:
     return collections.Counter(m.group(2) for line in sass_text.splitlines() if (m := _SASS_LINE.match(line)))
 
 
-def lower_gemv_ttir(bits: int, out: int, n_in: int, stacked: int) -> list[str]:
+_BACK_BRANCH = re.compile(r"^\s+/\*([0-9a-f]{4})\*/\s+@!?U?P\w+\s+BRA\s+(?:`\(\.L_x_\d+\)\s+)?0x([0-9a-f]+)")
+
+
+def loop_histograms(sass_text: str) -> list[tuple[int, int, collections.Counter]]:
+    """(start, end, opcode histogram) of each loop: the instructions from a conditional backward branch's target to
+    the branch (where a step loop's instructions per code are read)."""
+    lines = sass_text.splitlines()
+    ops = [(int(m.group(1), 16), m.group(2)) for line in lines if (m := _SASS_LINE.match(line))]
+    loops = []
+    for line in lines:
+        if (m := _BACK_BRANCH.match(line)) and int(m.group(2), 16) < int(m.group(1), 16):
+            start, end = int(m.group(2), 16), int(m.group(1), 16)
+            loops.append((start, end, collections.Counter(op for a, op in ops if start <= a <= end)))
+    return loops
+
+
+def lower_gemv_ttir(bits: int, out: int, n_in: int, stacked: int, gemv: dict | None = None) -> list[str]:
     """Triton IR (generic MLIR text) of the decode GEMV for an [out, n_in] (or [stacked, out, n_in]) Q``bits``
-    weight, lowered for CUDA on this host."""
+    weight with ``GemvConfig(**gemv)``, lowered for CUDA on this host."""
     import jax
     import jax.numpy as jnp
     from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
@@ -57,31 +75,38 @@ def lower_gemv_ttir(bits: int, out: int, n_in: int, stacked: int) -> list[str]:
     planes = tuple(s((*lead, rows, nc * 4 * w), jnp.uint32) for w in PLANE_WIDTHS[bits])
     p = HLWQPlanes(planes=planes, norms_t=s((*lead, nc, rows), jnp.float16), table=s((2 ** bits,), jnp.float32),
                    codebook=s((2 ** bits,), jnp.float32), bits=bits, block_size=128, shape=(*lead, out, n_in))
+    from hlwq_jax.ops.hlwq_matmul import PallasConfig
+    from hlwq_jax.ops.hlwq_matmul.gemv_triton import GemvConfig
+    from hlwq_jax.ops.ragged_hlwq_matmul.pallas_triton import RaggedPallasConfig
+    cfg = GemvConfig(**(gemv or {}))
     if stacked:
-        fn = jax.jit(lambda x, w, g: ragged_hlwq_matmul(x, w, g, impl="pallas"))
+        rcfg = RaggedPallasConfig(gemv=cfg)
+        fn = jax.jit(lambda x, w, g: ragged_hlwq_matmul(x, w, g, impl="pallas", config=rcfg))
         fn.trace(s((6, n_in), jnp.bfloat16), p, s((stacked,), jnp.int32)).lower(lowering_platforms=("cuda",))
     else:
-        fn = jax.jit(lambda x, w: hlwq_matmul(x, w, impl="pallas"))
+        fn = jax.jit(lambda x, w: hlwq_matmul(x, w, impl="pallas", config=PallasConfig(gemv=cfg)))
         fn.trace(s((1, n_in), jnp.bfloat16), p).lower(lowering_platforms=("cuda",))
     return texts
 
 
-def compile_sass(ttir: str, triton_dir: str, work: pathlib.Path, num_warps: int = 1) -> dict:
+def compile_sass(ttir: str, triton_dir: str, work: pathlib.Path, num_warps: int = 1, num_stages: int = 1) -> dict:
     """Compile one TTIR module with the Triton found in ``triton_dir`` for sm_90a; returns its texts and counts."""
     src = work / "kernel.ttir"
     src.write_text(ttir)
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import triton; from triton.backends.compiler import GPUTarget;"
             "k = triton.compile(sys.argv[2], target=GPUTarget('cuda', 90, 32), options=dict(num_warps=int(sys.argv[4]),"
-            " num_stages=1)); d = sys.argv[3]; open(d + '/kernel.ttgir', 'w').write(k.asm['ttgir']);"
+            " num_stages=int(sys.argv[5]))); d = sys.argv[3]; open(d + '/kernel.ttgir', 'w').write(k.asm['ttgir']);"
             "open(d + '/kernel.ptx', 'w').write(k.asm['ptx']); open(d + '/kernel.cubin', 'wb').write(k.asm['cubin'])")
-    subprocess.run([sys.executable, "-c", code, triton_dir, str(src), str(work), str(num_warps)], check=True)
+    subprocess.run([sys.executable, "-c", code, triton_dir, str(src), str(work), str(num_warps), str(num_stages)],
+                   check=True)
     bin_dir = pathlib.Path(triton_dir) / "triton" / "backends" / "nvidia" / "bin"
     ptxas = subprocess.run([str(bin_dir / "ptxas"), "-arch=sm_90a", "-v", str(work / "kernel.ptx"), "-o",
                             str(work / "kernel.o")], capture_output=True, text=True, check=True).stderr
     sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(work / "kernel.cubin")], capture_output=True,
                           text=True, check=True).stdout
+    (work / "kernel.sass").write_text(sass)
     return dict(ptxas=" ".join(l.strip() for l in ptxas.splitlines() if "registers" in l),
-                histogram=sass_histogram(sass), converts=(work / "kernel.ttgir").read_text().count("convert_layout"))
+                histogram=sass_histogram(sass), loops=loop_histograms(sass), converts=(work / "kernel.ttgir").read_text().count("convert_layout"))
 
 
 def main(argv=None):
@@ -90,14 +115,23 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=5)
     ap.add_argument("--shape", type=int, nargs=2, default=(131072, 2688), metavar=("OUT", "IN"))
     ap.add_argument("--stacked", type=int, default=0, help="experts E: the ragged decode kernel instead")
+    ap.add_argument("--gemv", default="", help="GemvConfig fields, e.g. rows=4,max_tiles=1")
+    ap.add_argument("--stages", type=int, default=1, help="Triton num_stages to compile with")
+    ap.add_argument("--dump", default="", help="keep each kernel's ttgir / ptx / sass under DUMP/<i>/")
     args = ap.parse_args(argv)
-    texts = lower_gemv_ttir(args.bits, *args.shape, args.stacked)
+    gemv = {k: (v if k == "lookup" else int(v)) for k, v in (kv.split("=") for kv in args.gemv.split(",") if kv)}
+    texts = lower_gemv_ttir(args.bits, *args.shape, args.stacked, gemv)
     print(f"kernels: {len(texts)}")
     for i, ttir in enumerate(texts):
         with tempfile.TemporaryDirectory() as d:
-            r = compile_sass(ttir, args.triton, pathlib.Path(d))
+            work = pathlib.Path(args.dump) / str(i) if args.dump else pathlib.Path(d)
+            work.mkdir(parents=True, exist_ok=True)
+            r = compile_sass(ttir, args.triton, work, num_stages=args.stages)
         print(f"[{i}] {r['ptxas']}; {sum(r['histogram'].values())} instructions; convert_layout ops: {r['converts']}")
         print("    " + " ".join(f"{op}:{n}" for op, n in r["histogram"].most_common(16)))
+        for start, end, hist in r["loops"]:
+            print(f"    loop {start:#x}–{end:#x}: {sum(hist.values())} instructions; "
+                  + " ".join(f"{op}:{n}" for op, n in hist.most_common(12)))
 
 
 if __name__ == "__main__":

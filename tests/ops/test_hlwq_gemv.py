@@ -1,5 +1,6 @@
 """The decode GEMV's pieces: the tile order of the activations (a float64 pairing oracle over the planes), the
-lane_lookup primitive (take_along_axis semantics; its Triton lowering is a tt.gather) and the tile geometry."""
+warp-shuffle lookup primitives lane_ids / lane_shuffle (CPU model, interpret mode, Triton lowering, GPU), the tile
+geometry and GemvConfig's grid plan."""
 from __future__ import annotations
 
 import jax
@@ -10,25 +11,23 @@ from jax.experimental import pallas as pl
 
 from hlwq_oracle import exact_weight
 from hlwq_jax.ops.hlwq_matmul import repack
-from hlwq_jax.ops.hlwq_matmul.gemv_triton import TILE_WORDS, tile_geometry, tile_order, to_tile_order
-from hlwq_jax.ops.hlwq_matmul.lane_lut import lane_lookup
+from hlwq_jax.ops.hlwq_matmul.gemv_triton import (TILE_WORDS, GemvConfig, plan_grid, tile_geometry, tile_order,
+                                                  to_tile_order)
+from hlwq_jax.ops.hlwq_matmul.lane_lut import lane_ids, lane_shuffle
 from hlwq_jax.ops.hlwq_matmul.layout import PLANE_WIDTHS
 
 
 def _code_of_field(planes, bits, word, field):
-    """Code held by field ``field`` of base word ``word`` (every row), read bit by bit from the layout's definition:
-    low b0 bits at [b0·f, b0·f + b0) of the base word, high e bits at e·(G·f + s) of extra word word // G."""
+    """Code held by field ``field`` of base word ``word`` (every row), read from the layout's definition as Python
+    ints: the stream base_w | extension_w << 32, extension_w = X bits at X·(w mod G) of extra word w // G."""
     widths = PLANE_WIDTHS[bits]
-    b0 = widths[0]
-    base = np.asarray(planes[0]).astype(np.uint64)
-    code = (base[:, word] >> np.uint64(b0 * field)) & np.uint64((1 << b0) - 1)
+    base = np.asarray(planes[0])[:, word].astype(object)
+    stream = base
     if len(widths) > 1:
-        e = widths[1]
-        g = b0 // e
-        extra = np.asarray(planes[1]).astype(np.uint64)[:, word // g]
-        high = (extra >> np.uint64(e * (g * field + word % g))) & np.uint64((1 << e) - 1)
-        code |= high << np.uint64(b0)
-    return code
+        x_ = 32 * widths[1] // widths[0]
+        extra = np.asarray(planes[1])[:, word // (32 // x_)].astype(object)
+        stream = base | (((extra >> (x_ * (word % (32 // x_)))) & ((1 << x_) - 1)) << 32)
+    return np.array([(int(v) >> (bits * field)) & ((1 << bits) - 1) for v in stream], np.int64)
 
 
 @pytest.mark.parametrize("bits,n_in", [(3, 300), (4, 2688), (5, 300), (5, 2688), (6, 1000), (8, 640)])
@@ -66,25 +65,60 @@ def test_tile_order_is_a_permutation_plus_padding():
     assert (order == p.n_chunks * 128).sum() == (n_tiles * cpt - p.n_chunks) * 128
 
 
-def test_lane_lookup_matches_take_along_axis():
-    rng = np.random.default_rng(1)
-    table = jnp.asarray(rng.standard_normal((4, 32, 3)), jnp.float32)
-    idx = jnp.asarray(rng.integers(0, 32, size=(4, 32, 3)), jnp.int32)
-    want = np.take_along_axis(np.asarray(table), np.asarray(idx), axis=1)
-    np.testing.assert_array_equal(np.asarray(lane_lookup(table, idx, axis=1)), want)
-    np.testing.assert_array_equal(np.asarray(jax.jit(lambda t, i: lane_lookup(t, i, 1))(table, idx)), want)
-
-    def kernel(t_ref, i_ref, o_ref):
-        o_ref[...] = lane_lookup(t_ref[...], i_ref[...], axis=1)
-
-    out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(idx.shape, jnp.float32), interpret=True)(table, idx)
-    np.testing.assert_array_equal(np.asarray(out), want)
-    with pytest.raises(ValueError, match="differ off axis"):
-        lane_lookup(table, idx[:, :, :2], axis=1)
+@pytest.mark.parametrize("bits,n_in", [(2, 300), (3, 2688), (5, 1856), (5, 4096), (8, 5000)])
+def test_to_tile_order_is_the_tile_order_gather(bits, n_in):
+    """The transpose form equals the gather by the index map ``tile_order`` (zero column for padding slots)."""
+    rng = np.random.default_rng(n_in)
+    p = repack(exact_weight(rng, bits, (3, n_in)))
+    x = rng.standard_normal((2, p.padded_in)).astype(np.float32)
+    want = np.take(np.pad(x, [(0, 0), (0, 1)]), tile_order(p), axis=1)
+    np.testing.assert_array_equal(np.asarray(to_tile_order(jnp.asarray(x), p)), want)
 
 
-def test_lane_lookup_lowers_to_triton_gather(monkeypatch):
-    """Lowered for CUDA (on any host), a kernel using lane_lookup carries a tt.gather in its Triton module."""
+def test_plan_grid_splits_rows_and_steps():
+    p = repack(exact_weight(np.random.default_rng(0), 5, (1000, 2688)))  # 1024 rows, 3 tiles
+    assert plan_grid(p, 1, GemvConfig()) == (3, 1, 1)  # 1024 / 2 · 3 = 1536 programs < 2048: one step each
+    assert plan_grid(p, 1, GemvConfig(min_programs=1)) == (3, 1, 16)
+    assert plan_grid(p, 1, GemvConfig(max_tiles=3, min_programs=1, rows=4, max_steps=8)) == (1, 3, 8)
+    assert plan_grid(p, 6, GemvConfig(max_tiles=2, min_programs=3 * 6 * 128)) == (3, 1, 4)  # 3 ∤ 2: 3 groups
+    for bad in (dict(rows=3), dict(max_steps=0), dict(rows=16, max_steps=16), dict(min_programs=0),
+                dict(max_tiles=0), dict(lookup="lanes")):
+        with pytest.raises(ValueError, match="GemvConfig"):
+            GemvConfig(**bad)
+
+
+def _lookup_kernel(t_ref, i_ref, o_ref):
+    own = t_ref[lane_ids(i_ref.shape) & (t_ref.shape[0] - 1)]
+    o_ref[...] = lane_shuffle(own, i_ref[...])
+
+
+def _lookup_case(seed, shape, n_table):
+    """A table of n_table entries and indices with garbage above their log2(n_table) bits."""
+    rng = np.random.default_rng(seed)
+    table = jnp.asarray(rng.standard_normal(n_table), jnp.float32)
+    idx = rng.integers(0, n_table, size=shape) + n_table * rng.integers(0, 1 << 20, size=shape)
+    return table, jnp.asarray(idx, jnp.int32), np.asarray(table)[np.asarray(idx) % n_table]
+
+
+def test_lane_shuffle_cpu_model_and_interpret_mode():
+    table, idx, want = _lookup_case(1, (4, 32), 32)
+    np.testing.assert_array_equal(np.asarray(lane_ids((4, 32)))[2], np.arange(32))
+    own = table[lane_ids((4, 32))]
+    np.testing.assert_array_equal(np.asarray(lane_shuffle(own, idx)), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lane_shuffle)(own, idx)), want)
+    for n_table in (8, 32):
+        table, idx, want = _lookup_case(n_table, (4, 32), n_table)
+        out = pl.pallas_call(_lookup_kernel, out_shape=jax.ShapeDtypeStruct(idx.shape, jnp.float32),
+                             interpret=True)(table, idx)
+        np.testing.assert_array_equal(np.asarray(out), want)
+    with pytest.raises(ValueError, match="last axis is the warp"):
+        lane_ids((4, 16))
+    with pytest.raises(ValueError, match="share one shape"):
+        lane_shuffle(own, idx[:, :16])
+
+
+def test_lane_primitives_lower_to_laneid_and_shuffle(monkeypatch):
+    """Lowered for CUDA (on any host), the lookup kernel carries %laneid and shfl.sync.idx inline assembly."""
     from jax._src.pallas.triton import gpu_info, lowering, pallas_call_registration as reg
 
     monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
@@ -97,26 +131,18 @@ def test_lane_lookup_lowers_to_triton_gather(monkeypatch):
         return result
 
     monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", capture)
-
-    def kernel(t_ref, i_ref, o_ref):
-        o_ref[...] = lane_lookup(t_ref[...], i_ref[...], axis=0)
-
-    fn = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((32, 4), jnp.float32))
-    jax.jit(fn).trace(jax.ShapeDtypeStruct((32, 4), jnp.float32), jax.ShapeDtypeStruct((32, 4), jnp.int32)).lower(
+    fn = pl.pallas_call(_lookup_kernel, out_shape=jax.ShapeDtypeStruct((4, 32), jnp.float32))
+    jax.jit(fn).trace(jax.ShapeDtypeStruct((32,), jnp.float32), jax.ShapeDtypeStruct((4, 32), jnp.int32)).lower(
         lowering_platforms=("cuda",))
-    assert texts and "tt.gather" in texts[0]
+    assert texts and "%laneid" in texts[0] and "shfl.sync.idx.b32" in texts[0]
 
 
 @pytest.mark.gpu
-def test_lane_lookup_kernel_on_gpu_matches_take_along_axis():
+@pytest.mark.parametrize("shape,n_table", [((4, 32), 32), ((4, 32), 16), ((8, 32), 8), ((1, 32), 32), ((2, 4, 32), 32)])
+def test_lane_shuffle_on_gpu_matches_table_lookup(shape, n_table):
+    """Whatever layout Triton gives the tile, the shuffle returns table[idx mod T] (indices with high garbage)."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
-    rng = np.random.default_rng(2)
-    table = jnp.asarray(rng.standard_normal((4, 32, 2)), jnp.float32)
-    idx = jnp.asarray(rng.integers(0, 32, size=(4, 32, 2)), jnp.int32)
-
-    def kernel(t_ref, i_ref, o_ref):
-        o_ref[...] = lane_lookup(t_ref[...], i_ref[...], axis=1)
-
-    out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(idx.shape, jnp.float32))(table, idx)
-    np.testing.assert_array_equal(np.asarray(out), np.take_along_axis(np.asarray(table), np.asarray(idx), axis=1))
+    table, idx, want = _lookup_case(n_table + len(shape), shape, n_table)
+    out = pl.pallas_call(_lookup_kernel, out_shape=jax.ShapeDtypeStruct(idx.shape, jnp.float32))(table, idx)
+    np.testing.assert_array_equal(np.asarray(out), want)

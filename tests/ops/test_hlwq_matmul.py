@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from hlwq_oracle import dequantize_numpy, exact_weight, rel_err
-from hlwq_jax.ops.hlwq_matmul import PallasConfig, XlaConfig, hlwq_matmul, plan, repack, rotate_activations
+from hlwq_jax.ops.hlwq_matmul import (GemvConfig, PallasConfig, XlaConfig, hlwq_matmul, plan, repack,
+                                     rotate_activations)
 
 OUT, IN = 200, 300  # neither a multiple of the 64/128 output tiles nor of the 128-column chunks
 
@@ -100,8 +101,9 @@ class TestPallasInterpret(HLWQMatmulSuite):
         (3, PallasConfig(gemv_max_m=2, block_m_dot=16, block_n_dot=64), "dot"),
         (40, PallasConfig(block_m_dot=16), "dot"),  # 3 token tiles, last one partial
         (40, PallasConfig(dequant_min_m=32), "dequant"),
-        (1, PallasConfig(gemv_rows=4), "gemv"),
-        (2, PallasConfig(gemv_max_m=2, gemv_rows=2, gemv_lookup="gather"), "gemv"),
+        (1, PallasConfig(gemv=GemvConfig(rows=4, min_programs=1)), "gemv"),  # 2 programs of 16 steps
+        (2, PallasConfig(gemv_max_m=2, gemv=GemvConfig(rows=1, max_steps=8, min_programs=1, max_tiles=3,
+                                                       lookup="gather")), "gemv"),
         (20, PallasConfig(min_programs=1, block_m_dot=16, unroll=1), "dot"),
     ])
     def test_paths(self, m, config, path):
@@ -119,11 +121,11 @@ class TestPallasInterpret(HLWQMatmulSuite):
 
     @pytest.mark.parametrize("bits", [3, 5, 6])
     def test_gemv_split_rows_partial_sums(self, bits):
-        """Rows longer than gemv_max_tiles tiles are split over programs whose partial sums XLA adds."""
+        """Rows longer than max_tiles tiles are split over programs whose partial sums XLA adds."""
         rng = np.random.default_rng(bits)
         w = exact_weight(rng, bits, (OUT, 5 * 4096 + 300))  # 165 chunks: 21 tiles at 4 base bits, 11 at 2
         x = jnp.asarray(rng.standard_normal((1, w.shape[1])), jnp.float32)
-        self.check(self.run(x, repack(w), config=PallasConfig(gemv_max_tiles=2)), x, w)
+        self.check(self.run(x, repack(w), config=PallasConfig(gemv=GemvConfig(max_tiles=2, min_programs=1))), x, w)
 
     def test_gemv_shared_rotation(self):
         rng = np.random.default_rng(4)
@@ -132,12 +134,11 @@ class TestPallasInterpret(HLWQMatmulSuite):
         self.check(self.run(rotate_activations(x, w), repack(w), rotated=True), x, w)
 
     def test_config_errors(self):
-        for bad in (dict(gemv_rows=3), dict(gemv_rows=256), dict(gemv_max_tiles=0), dict(gemv_lookup="lanes")):
-            with pytest.raises(ValueError, match="PallasConfig.gemv_"):
-                PallasConfig(**bad)
+        with pytest.raises(ValueError, match="PallasConfig.gemv must be a GemvConfig"):
+            PallasConfig(gemv=dict(rows=2))
         w = repack(exact_weight(np.random.default_rng(0), 6, (OUT, IN)))
         with pytest.raises(ValueError, match="≤ 32 entries"):
-            self.run(jnp.ones((1, IN)), w, config=PallasConfig(gemv_lookup="shuffle"))
+            self.run(jnp.ones((1, IN)), w, config=PallasConfig(gemv=GemvConfig(lookup="shuffle")))
 
     @pytest.mark.parametrize("m", [1, 3])
     def test_pallas_decode_impl(self, m):

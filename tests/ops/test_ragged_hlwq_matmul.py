@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hlwq_oracle import dequantize_numpy, exact_weight, rel_err
-from hlwq_jax.ops.hlwq_matmul import repack
+from hlwq_jax.ops.hlwq_matmul import GemvConfig, repack
 from hlwq_jax.ops.ragged_hlwq_matmul import RaggedPallasConfig, plan, ragged_hlwq_matmul
 
 E, OUT, IN = 5, 200, 300
@@ -81,7 +81,7 @@ class TestPallasInterpret(RaggedSuite):
 
     @pytest.mark.parametrize("t,config,path", [
         (8, RaggedPallasConfig(), "decode"),
-        (8, RaggedPallasConfig(gemv_rows=2, gemv_max_tiles=1, gemv_lookup="gather"), "decode"),
+        (8, RaggedPallasConfig(gemv=GemvConfig(rows=1, max_tiles=3, min_programs=1, lookup="gather")), "decode"),
         (8, RaggedPallasConfig(decode_max_rows=4, block_m=16, block_n=64), "grouped"),
         (60, RaggedPallasConfig(block_m=16, block_n=128), "grouped"),
     ])
@@ -90,8 +90,8 @@ class TestPallasInterpret(RaggedSuite):
         self.check(5, [3, 0, t - 6, 0, 1], t, config=config)
 
     def test_config_errors(self):
-        with pytest.raises(ValueError, match="RaggedPallasConfig.gemv_rows"):
-            RaggedPallasConfig(gemv_rows=6)
+        with pytest.raises(ValueError, match="RaggedPallasConfig.gemv must be a GemvConfig"):
+            RaggedPallasConfig(gemv=6)
 
     def test_planes_input_reads_only_routed_experts(self):
         """Poisoned (NaN-norm) experts that receive no tokens must not reach the output."""

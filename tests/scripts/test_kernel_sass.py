@@ -25,9 +25,16 @@ def test_sass_histogram_counts_opcodes_without_modifiers_or_predicates():
     assert kernel_sass.sass_histogram(SASS) == {"SHFL": 2, "LDG": 1, "BRA": 1, "FFMA": 1}
 
 
-def test_gemv_lowers_to_one_triton_module_with_a_lane_gather():
+def test_loop_histograms_take_the_backward_branch_range():
+    (start, end, hist), = kernel_sass.loop_histograms(SASS.replace("0x200", "0x50"))
+    assert (start, end) == (0x50, 0x60) and hist == {"SHFL": 1, "BRA": 1}
+    assert kernel_sass.loop_histograms(SASS) == []  # a forward branch is no loop
+
+
+def test_gemv_lowers_to_one_triton_module_with_a_lane_shuffle():
     code = ("import sys; sys.path.insert(0, 'scripts'); import kernel_sass; "
-            "t = kernel_sass.lower_gemv_ttir(5, 300, 1000, 0); print(len(t), 'tt.gather' in t[0])")
+            "t = kernel_sass.lower_gemv_ttir(5, 300, 1000, 0, dict(rows=1, min_programs=1)); "
+            "print(len(t), 'shfl.sync.idx.b32' in t[0] and 'scf.for' in t[0])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["1", "True"]

@@ -1,27 +1,29 @@
 """Decode GEMV (M ≤ gemv_max_m tokens) over ``HLWQPlanes``: a Pallas kernel lowered through Triton, one warp per program.
 
 What bounds a quantized GEMV on the H200 is how many bytes each memory request carries and how many are in flight,
-then integer instructions per code; the layout of every tile below follows from that:
+then instructions per code, then how often the activations are re-read; each choice below follows from one of those
+(measurements: results/gemv_explore/, results/bench_hlwq_matmul_gemv.md):
 
-* Tile = 128 consecutive base words of a row (``TILE_WORDS``; 8 chunks of 128 codes at 4 base bits), held as
-  [VEC=4, LANES=32, R rows]: lane l owns words 4l … 4l+3, so each row is one 16-byte load per lane, 512 contiguous
-  bytes per warp request. A program owns R rows (``PallasConfig.gemv_rows``, default 1) and loads all its tiles
-  (≤ ``gemv_max_tiles``) before any arithmetic, so R · tiles · 512 bytes are in flight per warp.
-* Codes are rebuilt in registers per field f of those words: (word >> b0·f) & mask, OR the e high bits from the
-  extra plane (layout.py). Each field of a word is a different column, so the activations are passed in *tile
-  order* (``tile_order``): for field f of tile t the 128 values its slots need are contiguous.
-* The table lookup is ``lane_lookup`` (lane_lut.py): the 2^b-entry table sits one entry per lane and a lookup is a
-  single warp shuffle, without 64-bit address arithmetic (for b ≤ 5; 6 and 8 bits use a load from the 2^b·4-byte
-  table, which L1 serves: ``gemv_lookup="auto"``).
-* Per chunk the field sums are scaled by the (row, chunk) norm; the R row sums are reduced across lanes at the end.
-
-With R ≥ 8 rows per program the row index is permuted inside the program ((r · 5) mod R; the identity for R ≤ 4)
-so that no load looks contiguous along rows to Triton's coalescing pass, which would otherwise give the norm load its
-own layout and a shared-memory conversion per tile (seen in the compiled IR of a 16-row scratch version).
-Measurements and what bounds this kernel: results/bench_hlwq_matmul_gemv.md.
+* Tile = 128 consecutive base words of a row (``TILE_WORDS``), held as [VEC=4, LANES=32]: lane l owns words
+  4l … 4l+3 and their extension bits (layout.py): one 16-byte load plus one 4-byte load of the extension word (two
+  words for 3 and 6 bits) per lane and row, 512 contiguous bytes per warp request. Every code of a lane falls in
+  one 128-code chunk, so one norm per (lane, row, tile).
+* Each code is one (funnel) shift of those words (``layout.field``); the table lookup is ``lane_shuffle``
+  (lane_lut.py): lane l holds table[l mod 2^b] and a lookup is one warp shuffle, which reads only the low 5 bits of
+  its index, so the codes need no mask (b ≤ 5; 6 and 8 bits mask and load from the 2^b·4-byte table, which L1
+  serves). Then one FMA: ≈ 4.1 SASS instructions per code in the step loop (``scripts/kernel_sass.py``).
+* A program owns a group of ≤ ``max_tiles`` tiles of the input (longer rows are split; XLA adds the partial sums)
+  and keeps that group's activations in registers (F·4 floats per lane and tile, in *tile order*, ``tile_order``),
+  so they are read once per program, not once per row. Programs of one row block's tile groups are launched next to
+  each other (the group is grid axis 0).
+* It walks ``steps`` × ``rows`` output rows, each step its loads then its arithmetic. Neither register double
+  buffering (ptxas sinks the next step's loads to the end of the loop body, results/gemv_explore/README.md) nor an
+  L2 prefetch of later steps made it faster on the H200; only the other warps of the SM (32 at 64 registers) hide
+  the latency, and that is what bounds it now, with the lookups (results/bench_hlwq_matmul_gemv.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,8 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from hlwq_jax.ops.hlwq_matmul.lane_lut import lane_lookup
-from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, bitrev
+from hlwq_jax.ops.hlwq_matmul.lane_lut import lane_ids, lane_shuffle
+from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, bitrev, extension_bits, field, fields_per_word
 
 VEC, LANES = 4, 32
 TILE_WORDS = VEC * LANES
@@ -57,28 +59,51 @@ def tile_order(p: HLWQPlanes) -> np.ndarray:
 
 
 def to_tile_order(xr: jax.Array, p: HLWQPlanes) -> jax.Array:
-    """Rotated activations float32 [M, padded_in] → tile order [M, n_tiles · F0 · 128] (zeros past the last chunk)."""
-    xr = jnp.pad(xr, [(0, 0), (0, 1)])  # column n_chunks · 128 is the zero every padding slot reads
-    return jnp.take(xr, jnp.asarray(tile_order(p)), axis=1)
+    """Rotated activations float32 [M, padded_in] → tile order [M, n_tiles · F0 · 128] (zeros past the last chunk).
+
+    ``tile_order`` as a pad, reshapes and one transpose (no gather: XLA fuses it into its producer): position
+    (t, f, c, w) of the result is column F0·w + bitrev(f) of chunk t·cpt + c, and bitrev over L bits is the reversal
+    of the L binary axes of f."""
+    f0, nw, cpt, n_tiles = tile_geometry(p)
+    m, lb = xr.shape[0], f0.bit_length() - 1
+    xr = jnp.pad(xr, [(0, 0), (0, (n_tiles * cpt - p.n_chunks) * CHUNK)])
+    x = xr.reshape(m, n_tiles, cpt, nw, *([2] * lb))  # last axes: the bits of r = bitrev(f), most significant first
+    perm = (0, 1, *range(4 + lb - 1, 3, -1), 2, 3)
+    return x.transpose(perm).reshape(m, n_tiles * f0 * TILE_WORDS)
 
 
-def check_settings(owner: str, rows: int, max_tiles: int, lookup: str) -> None:
-    """Validate a config's gemv_rows / gemv_max_tiles / gemv_lookup (``owner``: the config's class name)."""
-    if not (isinstance(rows, int) and 1 <= rows <= 128 and rows & (rows - 1) == 0):
-        raise ValueError(f"{owner}.gemv_rows must be a power of two in [1, 128], got {rows!r}")
-    if not (isinstance(max_tiles, int) and max_tiles >= 1):
-        raise ValueError(f"{owner}.gemv_max_tiles must be an int ≥ 1, got {max_tiles!r}")
-    if lookup not in LOOKUPS:
-        raise ValueError(f"{owner}.gemv_lookup must be one of {LOOKUPS}, got {lookup!r}")
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Settings of the decode GEMV (module docstring). Programs: rows / (rows · steps) × groups (× tokens)."""
+
+    rows: int = 2  # output rows per step, loaded together (a power of two)
+    max_steps: int = 16  # steps per program at most (a power of two; rows · steps ≤ 128) ...
+    min_programs: int = 2048  # ... fewer while the grid would have fewer programs than this
+    max_tiles: int = 1  # tiles per program (their activations stay in registers); longer rows are split
+    lookup: str = "auto"  # "shuffle" (≤ 5 bits) | "gather" (table load) | "auto": shuffle when it applies
+
+    def __post_init__(self):
+        for name in ("rows", "max_steps"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and 1 <= v <= 128 and v & (v - 1) == 0):
+                raise ValueError(f"GemvConfig.{name} must be a power of two in [1, 128], got {v!r}")
+        if self.rows * self.max_steps > 128:
+            raise ValueError(f"GemvConfig: rows · max_steps must be ≤ 128 (the row padding), got "
+                             f"{self.rows} · {self.max_steps}")
+        for name in ("min_programs", "max_tiles"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"GemvConfig.{name} must be an int ≥ 1, got {getattr(self, name)!r}")
+        if self.lookup not in LOOKUPS:
+            raise ValueError(f"GemvConfig.lookup must be one of {LOOKUPS}, got {self.lookup!r}")
 
 
 def resolve_lookup(lookup: str, bits: int) -> str:
     if lookup not in LOOKUPS:
-        raise ValueError(f"gemv_lookup must be one of {LOOKUPS}, got {lookup!r}")
+        raise ValueError(f"GemvConfig.lookup must be one of {LOOKUPS}, got {lookup!r}")
     if lookup == "auto":
         return "shuffle" if bits <= 5 else "gather"
     if lookup == "shuffle" and bits > 5:
-        raise ValueError(f"gemv_lookup='shuffle' holds the table one entry per lane: ≤ 32 entries, got 2^{bits}")
+        raise ValueError(f"GemvConfig.lookup='shuffle' holds the table one entry per lane: ≤ 32 entries, got 2^{bits}")
     return lookup
 
 
@@ -92,10 +117,11 @@ def load(ref, idx, mask):
     return ref[idx] if mask is None else pltriton.load(ref.at[idx], mask=mask, other=0)
 
 
-def _gemv_kernel(*refs, widths, rows_per_program, group, cpb, n_chunks, m_rows, lookup, stacked):
-    """x_ref f32 [M, n_tiles·F0·128] (tile order); o_ref [n_groups, M, rows]; grid (rows / R, n_groups), every
-    program computing all M rows. ``stacked``: a leading expert_ref int32 [M], planes [E, rows, words], grid
-    (rows / R, n_groups, M): program (·, ·, m) computes token row m against expert expert_ref[m] (m_rows = 1)."""
+def _gemv_kernel(*refs, bits, rows, steps, group, cpb, n_chunks, m_rows, lookup, stacked):
+    """x_ref f32 [M, n_tiles·F·128] (tile order); o_ref [n_groups, M, rows_total]; grid (n_groups, row blocks), every
+    program computing all M token rows for rows · steps output rows. ``stacked``: a leading expert_ref int32 [M],
+    planes [E, rows, words], grid (n_groups, row blocks, M): program (·, ·, m) computes token row m against expert
+    expert_ref[m] (m_rows = 1)."""
     if stacked:
         expert_ref, x_ref, norms_ref, table_ref, *plane_refs, o_ref = refs
         token = pl.program_id(2)
@@ -103,86 +129,113 @@ def _gemv_kernel(*refs, widths, rows_per_program, group, cpb, n_chunks, m_rows, 
     else:
         x_ref, norms_ref, table_ref, *plane_refs, o_ref = refs
         token, lead = 0, ()
-    b0, r = widths[0], rows_per_program
-    f0, nw = 32 // b0, CHUNK // (32 // b0)
-    cpt = TILE_WORDS // nw
-    shape = (VEC, LANES, r)
-    slot = lax.broadcasted_iota(jnp.int32, shape, 1) * VEC + lax.broadcasted_iota(jnp.int32, shape, 0)
-    row0 = pl.program_id(0) * r
-    rows = row0 + ((lax.broadcasted_iota(jnp.int32, shape, 2) * 5) & (r - 1))
-    slot1 = (lax.broadcasted_iota(jnp.int32, (VEC, LANES, 1), 1) * VEC
-             + lax.broadcasted_iota(jnp.int32, (VEC, LANES, 1), 0))
-    g = pl.program_id(1)
-    if lookup == "shuffle":  # lane l holds table[l mod 2^b]
-        lane = lax.broadcasted_iota(jnp.int32, (VEC, LANES, 1), 1)
-        table = jnp.broadcast_to(table_ref[lane % table_ref.shape[0]], shape)
-    if len(widths) > 1:
-        e = widths[1]
-        per = b0 // e  # base words per extra word
-        ne = CHUNK * e // 32
-        eshift = (e * (slot % per)).astype(jnp.uint32)
+    f_, x_ = fields_per_word(bits), extension_bits(bits)
+    nw = CHUNK // f_  # base words per chunk
+    cpt = TILE_WORDS // nw  # chunks per tile
+    shape = (VEC, LANES)
+    lane = lax.broadcasted_iota(jnp.int32, shape, 1)
+    slot = lane * VEC + lax.broadcasted_iota(jnp.int32, shape, 0)  # base word of the tile
+    lane1 = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
+    g = pl.program_id(0)  # (read outside the step loop: interpret mode has no program_id inside it)
+    tiles = [g * group + i for i in range(group)]
+    xs = [[[x_ref[token + m, (t * f_ + f) * TILE_WORDS + slot] for f in range(f_)] for t in tiles]
+          for m in range(m_rows)]  # this program's activations, in registers for all its rows
+    if lookup == "shuffle":  # lane l holds table[l mod 2^b]: a code's garbage above bit b selects the same entry
+        own = table_ref[lane_ids(shape) & (table_ref.shape[0] - 1)]
     ragged = n_chunks % cpt != 0
+    per_ext = 32 // x_ if x_ else 0  # base words per extra word
+    row0 = pl.program_id(1) * (rows * steps)
 
-    def fetch(i):
-        c0 = (g * group + i) * cpt
-        word = c0 * nw + slot
-        mask = word < n_chunks * nw if ragged else None
-        base = load(plane_refs[0], (*lead, rows, word), mask)
-        extra = None
-        if len(widths) > 1:
-            extra = load(plane_refs[1], (*lead, rows, c0 * ne + slot // per), mask) >> eshift
-        chunk = jnp.minimum(c0 + slot // nw, n_chunks - 1)
-        return base, extra, norms_ref[(*lead, chunk // cpb, rows)]
+    def fetch(step):
+        """[rows][tiles] of (base [VEC, LANES], extra word, norm [1, LANES]) for the rows of ``step``."""
+        data = []
+        for r in range(rows):
+            row = row0 + step * rows + r
+            per_tile = []
+            for t in tiles:
+                word = t * TILE_WORDS + slot
+                mask = word < n_chunks * nw if ragged else None
+                ext = None
+                if per_ext == VEC:  # one extra word per lane ([1, LANES]: one load, broadcast)
+                    u = t * (TILE_WORDS // VEC) + lane1
+                    ext = load(plane_refs[1], (*lead, row, u), u < n_chunks * nw // VEC if ragged else None)
+                elif x_:
+                    ext = load(plane_refs[1], (*lead, row, word // per_ext), mask)
+                chunk = jnp.minimum(t * cpt + lane1 // (nw // VEC), n_chunks - 1)
+                per_tile.append((load(plane_refs[0], (*lead, row, word), mask), ext,
+                                 norms_ref[(*lead, chunk // cpb, row)]))
+            data.append(per_tile)
+        return data
 
-    def accumulate(i, data, accs):
-        base, extra, norm = data
-        t = g * group + i
-        sums = [None] * m_rows
-        for f in range(f0):
-            code = base >> (b0 * f) if f else base
-            if f < f0 - 1:
-                code = code & ((1 << b0) - 1)
-            if extra is not None:
-                code = code | (((extra >> (e * per * f)) & ((1 << e) - 1)) << b0)
-            code = code.astype(jnp.int32)
-            val = lane_lookup(table, code, axis=1) if lookup == "shuffle" else table_ref[code]
-            for m in range(m_rows):
-                xf = x_ref[token + m, (t * f0 + f) * TILE_WORDS + slot1]  # [VEC, LANES, 1]
-                sums[m] = val * xf if sums[m] is None else sums[m] + val * xf
-        norm = norm.astype(jnp.float32)
-        return [acc + s * norm for acc, s in zip(accs, sums)]
+    def compute(data):
+        """[rows][M] float32 row sums."""
+        sums = []
+        for per_tile in data:
+            accs = [None] * m_rows
+            for ti, (base, ext, norm) in enumerate(per_tile):
+                if x_:  # the extension of word `slot`: X bits at X · (slot mod per_ext), garbage above
+                    ext = jnp.broadcast_to(ext, shape) >> (x_ * (slot % per_ext)).astype(jnp.uint32)
+                parts = [None] * m_rows
+                for f in range(f_):
+                    code = field(base, ext, f, bits)
+                    if lookup == "shuffle":
+                        val = lane_shuffle(own, code.astype(jnp.int32))
+                    else:
+                        val = table_ref[(code & ((1 << bits) - 1)).astype(jnp.int32)]
+                    for m in range(m_rows):
+                        prod = val * xs[m][ti][f]
+                        parts[m] = prod if parts[m] is None else parts[m] + prod
+                nrm = norm.astype(jnp.float32)
+                accs = [p_ * nrm if a is None else a + p_ * nrm for a, p_ in zip(accs, parts)]
+            sums.append([jnp.sum(jnp.sum(a, axis=0)) for a in accs])  # in-thread first, then one lane reduction
+        return sums
 
-    data = [fetch(i) for i in range(group)]  # every load of the program first, then the arithmetic
-    accs = [jnp.zeros(shape, jnp.float32) for _ in range(m_rows)]
-    for i in range(group):
-        accs = accumulate(i, data[i], accs)
-    out_rows = row0 + ((lax.broadcasted_iota(jnp.int32, (r,), 0) * 5) & (r - 1))
-    for m in range(m_rows):
-        o_ref[g, token + m, out_rows] = jnp.sum(accs[m], axis=(0, 1)).astype(o_ref.dtype)
+    def store(step, sums):
+        for r, row_sums in enumerate(sums):
+            for m, s in enumerate(row_sums):
+                o_ref[g, token + m, row0 + step * rows + r] = s.astype(o_ref.dtype)
+
+    def step(i, carry):  # loads, then arithmetic; other warps of the SM hide the latency
+        store(i, compute(fetch(i)))
+        return carry
+
+    lax.fori_loop(0, steps, step, 0)
 
 
-def gemv_call(x_tiles: jax.Array, p: HLWQPlanes, out_dtype, *, rows_per_program: int, max_tiles: int, lookup: str,
-              interpret: bool, expert_ids: jax.Array | None = None) -> jax.Array:
-    """x_tiles f32 [M, n_tiles·F0·128] (``to_tile_order``) → [M, rows].
+def plan_grid(p: HLWQPlanes, tokens: int, config: GemvConfig) -> tuple[int, int, int]:
+    """(n_groups, tiles per group, steps per program) of a GEMV over ``p`` for ``tokens`` program rows (1 unless
+    stacked): the fewest groups with ≤ max_tiles tiles, then the most steps ≤ max_steps that leave ≥ min_programs."""
+    _, _, _, n_tiles = tile_geometry(p)
+    n_groups = -(-n_tiles // config.max_tiles)
+    while n_tiles % n_groups:
+        n_groups += 1
+    steps = config.max_steps
+    while steps > 1 and p.rows // (config.rows * steps) * n_groups * tokens < config.min_programs:
+        steps //= 2
+    return n_groups, n_tiles // n_groups, steps
+
+
+def gemv_call(x_tiles: jax.Array, p: HLWQPlanes, out_dtype, config: GemvConfig, *, interpret: bool,
+              expert_ids: jax.Array | None = None) -> jax.Array:
+    """x_tiles f32 [M, n_tiles·F·128] (``to_tile_order``) → [M, rows].
 
     ``expert_ids`` int32 [M] (stacked layouts [E, rows, words] only): token row m is multiplied by expert
-    expert_ids[m]; one program per (rows, chunk group, token), so only the experts named there are read.
+    expert_ids[m]; one program per (row block, tile group, token), so only the experts named there are read.
     """
     m = x_tiles.shape[0]
     stacked = expert_ids is not None
     if stacked != (p.ndim == 3) or p.ndim not in (2, 3):
         raise ValueError(f"gemv_call: expert_ids must be given exactly for stacked [E, out, in] layouts, got shape "
                          f"{p.shape} with expert_ids {'given' if stacked else 'None'}")
-    r = rows_per_program
-    _, _, _, n_tiles = tile_geometry(p)
-    n_groups = -(-n_tiles // max_tiles)
-    while n_tiles % n_groups:
-        n_groups += 1
-    group = n_tiles // n_groups
-    kernel = functools.partial(_gemv_kernel, widths=p.widths, rows_per_program=r, group=group,
+    n_groups, group, steps = plan_grid(p, m if stacked else 1, config)
+    rows = config.rows
+    kernel = functools.partial(_gemv_kernel, bits=p.bits, rows=rows, steps=steps, group=group,
                                cpb=p.block_size // CHUNK, n_chunks=p.n_chunks, m_rows=1 if stacked else m,
-                               lookup=resolve_lookup(lookup, p.bits), stacked=stacked)
-    grid = (p.rows // r, n_groups, m) if stacked else (p.rows // r, n_groups)
+                               lookup=resolve_lookup(config.lookup, p.bits), stacked=stacked)
+    blocks = p.rows // (rows * steps)
+    # tile groups vary fastest, so programs launched together read whole rows (the same speed as row blocks first on
+    # the H200: results/gemv_explore/dev7c.jsonl)
+    grid = (n_groups, blocks, m) if stacked else (n_groups, blocks)
     lead_args = (expert_ids.astype(jnp.int32),) if stacked else ()
     y = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((n_groups, m, p.rows), out_dtype if n_groups == 1 else jnp.float32),

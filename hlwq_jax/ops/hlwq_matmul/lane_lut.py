@@ -1,18 +1,23 @@
-"""``lane_lookup``: a table lookup from a register tile, lowered to Triton's ``tt.gather`` (warp shuffles).
+"""A table lookup by warp shuffle inside Pallas-Triton kernels: two primitives, ``lane_ids`` and ``lane_shuffle``.
 
-Pallas-Triton on jax 0.11.2 lowers no gather of a *value*, only pointer loads from a ref (one global/L1 load and
-64-bit address arithmetic per code). This module adds one primitive:
+Pallas-Triton on jax 0.11.2 lowers no gather of a *value*, only pointer loads from a ref (one L1 load and 64-bit
+address arithmetic per code). For a table of T ≤ 32 entries (a power of two) a lookup can be one warp shuffle:
 
-    lane_lookup(table, idx, axis)[..., i, ...] = table[..., idx[..., i, ...], ...]      (take_along_axis semantics)
+    own = table_ref[lane_ids(shape) & (T - 1)]      # once per kernel: each lane holds the entry of its lane number
+    val = lane_shuffle(own, idx)                    # table[idx mod T], one shfl.sync.idx per element
 
-* inside a Pallas-Triton kernel it lowers to ``tt.gather``; Triton's thread-locality pass gives it a layout with the
-  gather axis on the 32 lanes of a warp, and when the table has ≤ 32 entries along that axis each lookup is one
-  ``shfl.sync.idx`` (gemv_triton.py arranges its tiles so that this layout is also the layout of its code loads);
-* anywhere else (interpret mode on the CPU, plain jit) it is ``jnp.take_along_axis`` — the same semantics, which the
-  tests check against the GPU lowering's result in the `gpu` tier.
+Semantics, on every backend: ``lane_shuffle(own, idx)[e] = own[e'][...]`` read from an element held by lane
+``idx[e] mod 32`` — so with ``own`` built as above the result is table[idx mod T], whatever layout Triton gives the
+tensors. The modulo is free: a shuffle reads only the low 5 bits of its source-lane operand (PTX ISA, shfl.sync:
+``bval = b[4:0]``), so callers pass indices with garbage above their b bits and no mask (gemv_triton.py does).
 
-Indices must be in range (the Triton lowering does not check them); ``mode="clip"`` only makes the CPU path total.
-This uses JAX's private Pallas-Triton lowering registry (``jax._src.pallas.triton.lowering``), pinned by jax==0.11.2.
+* Triton (GPU): ``lane_ids`` is ``mov.u32 %laneid`` and ``lane_shuffle`` is ``shfl.sync.idx.b32 d, own, idx, 31,
+  -1``, both as Triton elementwise inline assembly. Every lane executes each shuffle (the kernels have no divergent
+  control flow around it), which the full member mask requires.
+* Elsewhere (CPU, interpret mode): the model of a warp is the last axis (size 32): ``lane_ids`` is its iota and
+  ``lane_shuffle`` is ``take_along_axis(own, idx & 31, axis=-1)``.
+The `gpu` tier checks the two against each other (tests/ops/test_hlwq_gemv.py).
+Uses JAX's private Pallas-Triton lowering registry (``jax._src.pallas.triton.lowering``), pinned by jax==0.11.2.
 """
 from __future__ import annotations
 
@@ -23,28 +28,56 @@ from jax._src.interpreters import mlir
 from jax._src.lib.triton import dialect as tt_dialect
 from jax._src.pallas.triton import lowering as triton_lowering
 
-lane_lookup_p = jax_core.Primitive("hlwq_lane_lookup")
+WARP = 32
+lane_ids_p = jax_core.Primitive("hlwq_lane_ids")
+lane_shuffle_p = jax_core.Primitive("hlwq_lane_shuffle")
 
 
-def lane_lookup(table: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
-    """table [..., T, ...], int32 idx [..., N, ...] (same shape except along ``axis``) → table.dtype, idx's shape."""
-    if table.ndim != idx.ndim:
-        raise ValueError(f"lane_lookup: table rank {table.ndim} != index rank {idx.ndim}")
-    if any(a != b for d, (a, b) in enumerate(zip(table.shape, idx.shape)) if d != axis % idx.ndim):
-        raise ValueError(f"lane_lookup: table {table.shape} and index {idx.shape} differ off axis {axis}")
-    return lane_lookup_p.bind(table, idx.astype(jnp.int32), axis=axis % idx.ndim)
+def lane_ids(shape: tuple[int, ...]) -> jax.Array:
+    """int32 [shape] (last axis 32): the lane that holds each element (CPU model: the last-axis index)."""
+    if not shape or shape[-1] != WARP:
+        raise ValueError(f"lane_ids: the last axis is the warp and must have {WARP} elements, got shape {shape}")
+    return lane_ids_p.bind(shape=tuple(shape))
 
 
-def _take(table, idx, *, axis):
-    return jnp.take_along_axis(table, idx, axis=axis, mode="clip")
+def lane_shuffle(own: jax.Array, idx: jax.Array) -> jax.Array:
+    """own float32 [..., 32], int32 idx of the same shape → own's value held by lane idx mod 32, per element."""
+    if own.shape != idx.shape or own.shape[-1] != WARP:
+        raise ValueError(f"lane_shuffle: own {own.shape} and idx {idx.shape} must share one shape ending in {WARP}")
+    if own.dtype != jnp.float32:
+        raise ValueError(f"lane_shuffle moves 32-bit floats, got {own.dtype}")
+    return lane_shuffle_p.bind(own, idx.astype(jnp.int32))
 
 
-lane_lookup_p.def_impl(_take)
-lane_lookup_p.def_abstract_eval(lambda table, idx, *, axis: jax_core.ShapedArray(idx.shape, table.dtype))
-mlir.register_lowering(lane_lookup_p, mlir.lower_fun(_take, multiple_results=False))
+def _ids(*, shape):
+    return jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
 
 
-@triton_lowering.register_lowering(lane_lookup_p)
-def _lane_lookup_triton(ctx, table, idx, *, axis):
-    del ctx
-    return tt_dialect.gather(table, idx, axis)
+def _shuffle(own, idx):
+    return jnp.take_along_axis(own, idx & (WARP - 1), axis=-1)
+
+
+lane_ids_p.def_impl(_ids)
+lane_ids_p.def_abstract_eval(lambda *, shape: jax_core.ShapedArray(shape, jnp.int32))
+mlir.register_lowering(lane_ids_p, mlir.lower_fun(_ids, multiple_results=False))
+lane_shuffle_p.def_impl(_shuffle)
+lane_shuffle_p.def_abstract_eval(lambda own, idx: jax_core.ShapedArray(own.shape, own.dtype))
+mlir.register_lowering(lane_shuffle_p, mlir.lower_fun(_shuffle, multiple_results=False))
+
+
+def _asm(ctx, asm: str, constraints: str, args):
+    out = mlir.aval_to_ir_type(ctx.context.mlir_ctx, ctx.avals_out[0])
+    return tt_dialect.elementwise_inline_asm([out], asm, constraints=constraints, pure=True, packed_element=1,
+                                             args=args)
+
+
+@triton_lowering.register_lowering(lane_ids_p)
+def _lane_ids_triton(ctx, *, shape):
+    # elementwise asm needs a tensor operand to take its shape from: a zero tensor, not read by the asm
+    zero = triton_lowering._full(mlir.aval_to_ir_type(ctx.context.mlir_ctx, ctx.avals_out[0]), 0)
+    return _asm(ctx, "mov.u32 $0, %laneid;", "=r,r", [zero])
+
+
+@triton_lowering.register_lowering(lane_shuffle_p)
+def _lane_shuffle_triton(ctx, own, idx):
+    return _asm(ctx, "shfl.sync.idx.b32 $0, $1, $2, 31, -1;", "=f,f,r", [own, idx])

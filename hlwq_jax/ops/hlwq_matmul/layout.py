@@ -1,20 +1,20 @@
 """``HLWQPlanes``: a kernel-friendly repacking of an ``HLWQArray`` (a derived array, same information, same bits).
 
 Why: the canonical layout is one LSB-first bit stream per row, so a 5-bit code straddles byte boundaries and a GPU
-thread would need unaligned two-byte reads per code. Here the codes are split into a *base* plane of b0 ∈ {2, 4, 8}
-bits and an optional *extra* plane of e ∈ {1, 2} bits (b = b0 + e: 2 = 2, 3 = 2+1, 4 = 4, 5 = 4+1, 6 = 4+2,
-8 = 8; 1 and 7 bits have no kernel layout), both uint32 words, arranged so that a Triton kernel rebuilds a
-[rows, 128] tile of codes with ≈ 3 integer ops per code, all in registers, and no redundant loads.
+thread would need unaligned reads and several shifts and masks per code. Here the codes of a row are split over a
+*base* plane of 32-bit words and an optional *extra* plane, arranged so that a kernel gets every code with one
+(funnel) shift from registers: b = b0 + e with b0 ∈ {2, 4, 8}, e ∈ {1, 2} (2 = 2, 3 = 2+1, 4 = 4, 5 = 4+1, 6 = 4+2,
+8 = 8; 1 and 7 bits have no kernel layout).
 
-Layout (chunk c = padded input columns [128c, 128c + 128); F0 = 32 / b0 fields per base word, L0 = log2 F0):
-* base:  uint32 [*lead, rows, n_chunks·4·b0]; bits [b0·f, b0·f + b0) of word w (counted along the row) hold the low
-  b0 bits of the code of column k = F0·w + bitrev_L0(f) (bitrev reverses the L0-bit index).
-* extra: uint32 [*lead, rows, n_chunks·4·e]; with G = b0 / e, bits [e·(G·f + s), … + e) of extra word u hold the
-  high e bits of the code whose low bits sit in field f of base word w = G·u + s.
-The kernel (pallas_triton.unpack_chunk) loads the chunk's base words, splits them once into (x & m, (x >> b0) & m),
-ORs in the extra bits (which the layout puts right above each field: G·e = b0), then keeps splitting the b-bit fields
-into halves — x & m, x >> d — and joins each pair along a new minor axis (Triton join + reshape, register-only). The
-bit reversal is what makes the recursive halving come out in column order.
+Layout (chunk c = padded input columns [128c, 128c + 128); F = 32 / b0 codes per base word, L = log2 F):
+* base:  uint32 [*lead, rows, n_chunks·4·b0] — word w counted along the row.
+* extra: uint32 [*lead, rows, n_chunks·4·e] (b0 + e bits only); with G = b0 / e, the X = 32 / G bits
+  [X·(w mod G), X·(w mod G) + X) of extra word w // G are the *extension* of base word w.
+* Base word w and its extension form one stream S_w = base_w | extension_w << 32 of 32 + X = F·b bits; bits
+  [b·f, b·f + b) of S_w hold the code of column k = F·w + bitrev_L(f) (bitrev reverses the L-bit index).
+``field`` below reads field f from (base word, extension) with one shift — a funnel shift for the field that
+straddles bit 32 — leaving garbage only above bit b. The bit reversal makes the kernels' pairwise interleave of the
+F fields (``interleave``) come out in column order.
 
 ``rows`` is ``out`` padded to a multiple of ``ROW_ALIGN`` (padding rows are code 0 with norm 0), the input is padded
 to a multiple of 128 (padding columns are code 0 and meet zero activations). Also stored, for the kernels:
@@ -46,16 +46,27 @@ def bitrev(n_bits: int) -> np.ndarray:
     return np.array([int(format(v, f"0{n_bits}b")[::-1], 2) if n_bits else 0 for v in range(1 << n_bits)])
 
 
-def _base_shifts(b0: int) -> np.ndarray:
-    """uint32 [F0]: bit offset in a base word of the field of column residue r = k mod F0 (b0 · bitrev(r))."""
-    f0 = 32 // b0
-    return (b0 * bitrev(f0.bit_length() - 1)).astype(np.uint32)
+def fields_per_word(bits: int) -> int:
+    """F = 32 / b0: codes per base word (and per stream S_w)."""
+    return 32 // PLANE_WIDTHS[bits][0]
 
 
-def _extra_shifts(b0: int, e: int) -> np.ndarray:
-    """uint32 [G, F0]: bit offset in an extra word of the high bits for base word s (mod G), column residue r."""
-    f0, g = 32 // b0, b0 // e
-    return (e * (g * bitrev(f0.bit_length() - 1)[None, :] + np.arange(g)[:, None])).astype(np.uint32)
+def extension_bits(bits: int) -> int:
+    """X = 32 · e / b0: bits of the extra plane that extend each base word (0 without an extra plane)."""
+    widths = PLANE_WIDTHS[bits]
+    return 32 * widths[1] // widths[0] if len(widths) > 1 else 0
+
+
+def field(base, ext, f: int, bits: int):
+    """Field f of the stream base | ext << 32 (uint32 arrays or kernel tiles) in the low ``bits`` bits of a uint32,
+    garbage above: one shift, or one funnel shift for the field that straddles bit 32 (``ext`` unused, may be None,
+    when the field lies in ``base``). Callers that index with it mask it, or ignore the high bits."""
+    o = bits * f
+    if o + bits <= 32:
+        return base >> o if o else base
+    if o >= 32:
+        return ext >> (o - 32) if o > 32 else ext
+    return (base >> o) | (ext << (32 - o))
 
 
 def check_kernel_bits(bits: int) -> None:
@@ -142,31 +153,35 @@ def codes_to_planes(codes: jax.Array, bits: int) -> tuple:
     *lead, n = codes.shape
     if n % CHUNK:
         raise ValueError(f"codes last axis {n} is not a multiple of {CHUNK}")
-    c = codes.astype(jnp.uint32)
-    b0 = PLANE_WIDTHS[bits][0]
-    f0 = 32 // b0
-    low = (c & ((1 << b0) - 1)).reshape(*lead, n // f0, f0)  # [..., word, k mod F0]
-    planes = [jnp.sum(low << jnp.asarray(_base_shifts(b0)), axis=-1, dtype=jnp.uint32)]  # disjoint bits: sum = or
-    if len(PLANE_WIDTHS[bits]) > 1:
-        e = PLANE_WIDTHS[bits][1]
-        g = b0 // e
-        high = (c >> b0).reshape(*lead, n // (f0 * g), g, f0)  # [..., extra word, s, k mod F0]
-        planes.append(jnp.sum(high << jnp.asarray(_extra_shifts(b0, e)), axis=(-2, -1), dtype=jnp.uint32))
-    return tuple(planes)
+    f_, x_ = fields_per_word(bits), extension_bits(bits)
+    c = codes.astype(jnp.uint32).reshape(*lead, n // f_, f_)[..., bitrev(f_.bit_length() - 1)]  # [..., w, field f]
+    base = jnp.zeros(c.shape[:-1], jnp.uint32)
+    ext = jnp.zeros(c.shape[:-1], jnp.uint32)
+    for f in range(f_):  # disjoint bit fields: | is exact
+        o = bits * f
+        if o < 32:
+            base = base | (c[..., f] << o)  # uint32: the bits past 32 drop out
+        if o + bits > 32:
+            ext = ext | (c[..., f] << (o - 32) if o >= 32 else c[..., f] >> (32 - o))
+    if not x_:
+        return (base,)
+    g = 32 // x_
+    ext = ext.reshape(*lead, -1, g) << jnp.asarray(x_ * np.arange(g), jnp.uint32)
+    return base, jnp.sum(ext, axis=-1, dtype=jnp.uint32)  # disjoint bits: sum = or
 
 
 def planes_to_codes(planes, bits: int) -> jax.Array:
     """Inverse of ``codes_to_planes``: planes → uint8 codes [..., n_chunks·128]."""
-    b0 = PLANE_WIDTHS[bits][0]
+    f_, x_ = fields_per_word(bits), extension_bits(bits)
     base = planes[0].astype(jnp.uint32)
-    code = (base[..., None] >> jnp.asarray(_base_shifts(b0))) & ((1 << b0) - 1)
-    code = code.reshape(*base.shape[:-1], -1)
-    if len(planes) > 1:
-        e = PLANE_WIDTHS[bits][1]
-        extra = planes[1].astype(jnp.uint32)
-        high = (extra[..., None, None] >> jnp.asarray(_extra_shifts(b0, e))) & ((1 << e) - 1)
-        code = code | (high.reshape(code.shape) << b0)
-    return code.astype(jnp.uint8)
+    ext = None
+    if x_:
+        g = 32 // x_
+        words = jnp.repeat(planes[1].astype(jnp.uint32), g, axis=-1)
+        ext = words >> jnp.asarray(np.tile(x_ * np.arange(g), base.shape[-1] // g), jnp.uint32)
+    code = jnp.stack([field(base, ext, f, bits) & ((1 << bits) - 1) for f in range(f_)], axis=-1)
+    code = code[..., bitrev(f_.bit_length() - 1)]  # field order → column order (bitrev is an involution)
+    return code.reshape(*base.shape[:-1], -1).astype(jnp.uint8)
 
 
 def repack(w: HLWQArray) -> HLWQPlanes:
@@ -191,22 +206,23 @@ def repack(w: HLWQArray) -> HLWQPlanes:
 
 
 def planes_to_codes_numpy(planes, bits: int) -> np.ndarray:
-    """Element-by-element numpy oracle of ``planes_to_codes``: for each column, find its word and bit offset."""
+    """Element-by-element numpy oracle of ``planes_to_codes``: for each column, build its word's stream as a Python
+    int (no shifts shared with the kernels' ``field``) and read the code's bits."""
     widths = PLANE_WIDTHS[bits]
-    b0 = widths[0]
-    f0 = 32 // b0
-    l0 = f0.bit_length() - 1
+    f_ = 32 // widths[0]
+    l_ = f_.bit_length() - 1
     base = np.asarray(planes[0]).astype(np.uint64)
-    n = base.shape[-1] * f0
-    out = np.zeros(base.shape[:-1] + (n,), np.uint64)
-    for k in range(n):
-        w_, r = divmod(k, f0)
-        f = int(format(r, f"0{l0}b")[::-1], 2)
-        out[..., k] = (base[..., w_] >> np.uint64(b0 * f)) & np.uint64((1 << b0) - 1)
-        if len(widths) > 1:
-            e = widths[1]
-            g = b0 // e
-            u, s_ = divmod(w_, g)
-            word = np.asarray(planes[1]).astype(np.uint64)[..., u]
-            out[..., k] |= ((word >> np.uint64(e * (g * f + s_))) & np.uint64((1 << e) - 1)) << np.uint64(b0)
-    return out.astype(np.uint8)
+    extra = np.asarray(planes[1]).astype(np.uint64) if len(widths) > 1 else None
+    x_ = 32 * widths[1] // widths[0] if extra is not None else 0
+    n = base.shape[-1] * f_
+    out = np.zeros(base.shape[:-1] + (n,), np.uint8)
+    for idx in np.ndindex(base.shape[:-1]):
+        for k in range(n):
+            w_, r = divmod(k, f_)
+            f = int(format(r, f"0{l_}b")[::-1], 2) if l_ else 0
+            stream = int(base[idx + (w_,)])
+            if extra is not None:
+                u, s = divmod(w_, 32 // x_)
+                stream |= ((int(extra[idx + (u,)]) >> (x_ * s)) & ((1 << x_) - 1)) << 32
+            out[idx + (k,)] = (stream >> (bits * f)) & ((1 << bits) - 1)
+    return out

@@ -27,17 +27,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from hlwq_jax.ops.hlwq_matmul.gemv_triton import check_settings, gemv_call, reduce_groups, to_tile_order
-from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, repack
+from hlwq_jax.ops.hlwq_matmul.gemv_triton import GemvConfig, gemv_call, reduce_groups, to_tile_order
+from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, bitrev, extension_bits, field, fields_per_word, repack
 from hlwq_jax.ops.hlwq_matmul.rotate import rotate_activations
 
 
 @dataclasses.dataclass(frozen=True)
 class PallasConfig:
     gemv_max_m: int = 1  # the GEMV up to this M (its registers grow with M; M = 2–8 on it are not timed)
-    gemv_rows: int = 1  # output rows per one-warp program (a power of two ≤ 128); 1 beat 2 and 4 on the H200
-    gemv_max_tiles: int = 8  # 128-word tiles one program loads up front; longer rows are split (partial sums)
-    gemv_lookup: str = "auto"  # "shuffle" (≤ 5 bits) | "gather" (table load) | "auto": shuffle when it applies
+    gemv: GemvConfig = GemvConfig()  # the GEMV's tiling (gemv_triton.py)
     dequant_min_m: int = 1024
     block_m_dot: int = 64  # token rows per program (power of two ≥ 16)
     block_n_dot: int = 128
@@ -50,7 +48,8 @@ class PallasConfig:
     lookup: str = "gather"  # dot/dequant: "gather" (table load) | "select" (2^b-way where chain, the Mosaic ablation)
 
     def __post_init__(self):
-        check_settings("PallasConfig", self.gemv_rows, self.gemv_max_tiles, self.gemv_lookup)
+        if not isinstance(self.gemv, GemvConfig):
+            raise ValueError(f"PallasConfig.gemv must be a GemvConfig, got {type(self.gemv).__name__}")
 
 
 def plan(m: int, config: PallasConfig) -> str:
@@ -83,44 +82,32 @@ def _next_pow2(n: int) -> int:
 
 
 # ---- in-kernel building blocks ---------------------------------------------------------------------------------
-def field_mask(width: int, positions) -> int:
-    """uint32 mask with ``width``-bit fields at the given bit positions."""
-    return sum(((1 << width) - 1) << pos for pos in positions)
-
-
 def _join(lo, hi):
     """[bn, n] × 2 → [bn, 2n] with lo, hi interleaved (Triton join + reshape: stays in registers)."""
     return jnp.stack([lo, hi], axis=-1).reshape(lo.shape[0], 2 * lo.shape[1])
 
 
-def unpack_chunk(plane_refs, widths, lead, r0, bn, c):
+def interleave(parts):
+    """[bn, n] × P (P a power of two) → [bn, P·n]: element i of parts[j] lands at P·i + bitrev(j) (pairwise joins)."""
+    if len(parts) == 1:
+        return parts[0]
+    half = len(parts) // 2
+    return _join(interleave(parts[:half]), interleave(parts[half:]))
+
+
+def unpack_chunk(plane_refs, bits, lead, r0, bn, c):
     """int32 codes [bn, 128] of chunk c for rows [r0, r0 + bn); ``lead`` indexes leading (expert) axes (layout.py)."""
-    b0 = widths[0]
-    nw = 4 * b0  # base words per row and chunk
-    x = plane_refs[0][(*lead, pl.ds(r0, bn), pl.ds(pl.multiple_of(c * nw, nw), nw))]  # [bn, 4 b0] uint32
-    m1 = field_mask(b0, range(0, 32, 2 * b0))
-    lo, hi = x & m1, (x >> b0) & m1  # even / odd fields, now 2·b0 apart
-    width = b0
-    if len(widths) > 1:  # OR the extra high bits in right above each field
-        e = widths[1]
-        ne, g = 4 * e, b0 // e
-        y = plane_refs[1][(*lead, pl.ds(r0, bn), pl.ds(pl.multiple_of(c * ne, ne), ne))]  # [bn, 4 e]
-        sh = e * g // 2
-        while sh >= e:  # expand to one word per base word: word G·u + s holds y[u] >> e·s
-            y = _join(y, y >> sh)
-            sh //= 2
-        y = y & field_mask(e, range(0, 32, b0))  # high bits of field f at bit b0·f
-        m1e = field_mask(e, range(b0, 32, 2 * b0))
-        lo, hi = lo | ((y << b0) & m1e), hi | (y & m1e)
-        width = b0 + e
-    x = _join(lo, hi)
-    d = 2 * b0
-    while x.shape[-1] < CHUNK:
-        m = field_mask(width, range(0, 32, 2 * d))
-        last = 2 * x.shape[-1] == CHUNK  # two fields left per word, at 0 and d: the high one needs no mask
-        x = _join(x & m, x >> d if last else (x >> d) & m)
-        d *= 2
-    return x.astype(jnp.int32)
+    f_, x_ = fields_per_word(bits), extension_bits(bits)
+    nw = CHUNK // f_  # base words per row and chunk
+    base = plane_refs[0][(*lead, pl.ds(r0, bn), pl.ds(pl.multiple_of(c * nw, nw), nw))]  # [bn, nw] uint32
+    ext = None
+    if x_:  # extension of base word G·u + s = extra word u >> X·s; interleave puts part j at s = bitrev(j)
+        g = 32 // x_
+        ne = nw // g
+        y = plane_refs[1][(*lead, pl.ds(r0, bn), pl.ds(pl.multiple_of(c * ne, ne), ne))]  # [bn, ne]
+        ext = interleave([y >> int(x_ * s) if s else y for s in bitrev(g.bit_length() - 1)])
+    mask = (1 << bits) - 1
+    return interleave([field(base, ext, f, bits) & mask for f in range(f_)]).astype(jnp.int32)
 
 
 def lookup(table_ref, code, n_levels: int, mode: str):
@@ -145,7 +132,7 @@ def chunk_loop(first, n, unroll, body, init):
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------------
-def _dot_kernel(x_ref, norms_ref, table_ref, *refs, widths, bm, bn, group, unroll, cpb, precision, mode):
+def _dot_kernel(x_ref, norms_ref, table_ref, *refs, bits, bm, bn, group, unroll, cpb, precision, mode):
     """x_ref [Mp, padded_in] (bf16 or f32); o_ref [n_groups, Mp, rows]; grid (rows / bn, n_groups, Mp / bm)."""
     *plane_refs, o_ref = refs
     r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
@@ -154,7 +141,7 @@ def _dot_kernel(x_ref, norms_ref, table_ref, *refs, widths, bm, bn, group, unrol
     toks = pl.ds(pl.multiple_of(pl.program_id(2) * bm, bm), bm)
 
     def body(c, acc):
-        vals = lookup(table_ref, unpack_chunk(plane_refs, widths, (), r0, bn, c), table_ref.shape[0], mode)
+        vals = lookup(table_ref, unpack_chunk(plane_refs, bits, (), r0, bn, c), table_ref.shape[0], mode)
         xs = x_ref[toks, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)]  # [bm, 128]
         part = lax.dot_general(xs, vals.astype(x_ref.dtype), (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32, precision=precision)  # [bm, bn]
@@ -164,12 +151,12 @@ def _dot_kernel(x_ref, norms_ref, table_ref, *refs, widths, bm, bn, group, unrol
     o_ref[g, toks, rows] = acc.astype(o_ref.dtype)
 
 
-def _dequant_kernel(norms_ref, table_ref, *refs, widths, bn, cpb):
+def _dequant_kernel(norms_ref, table_ref, *refs, bits, bn, cpb):
     """o_ref [rows, padded_in] = r · c[code] / √B (rotated domain); grid (rows / bn, n_chunks)."""
     *plane_refs, o_ref = refs
     r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
     c = pl.program_id(1)
-    vals = table_ref[unpack_chunk(plane_refs, widths, (), r0, bn, c)]
+    vals = table_ref[unpack_chunk(plane_refs, bits, (), r0, bn, c)]
     vals = vals * norms_ref[c // cpb, pl.ds(r0, bn)].astype(jnp.float32)[:, None]
     o_ref[pl.ds(r0, bn), pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)] = vals.astype(o_ref.dtype)
 
@@ -190,7 +177,7 @@ def dot_call(xr, p: HLWQPlanes, out_dtype, config: PallasConfig, interpret: bool
     n_groups = split_chunks(p.n_chunks, (p.rows // bn) * (mp // bm), config.min_programs)
     group = p.n_chunks // n_groups
     precision = lax.Precision.HIGHEST if xr.dtype == jnp.float32 else None
-    kernel = functools.partial(_dot_kernel, widths=p.widths, bm=bm, bn=bn, group=group,
+    kernel = functools.partial(_dot_kernel, bits=p.bits, bm=bm, bn=bn, group=group,
                                unroll=largest_divisor_at_most(group, config.unroll), cpb=p.block_size // CHUNK,
                                precision=precision, mode=config.lookup)
     y = pl.pallas_call(
@@ -204,7 +191,7 @@ def dot_call(xr, p: HLWQPlanes, out_dtype, config: PallasConfig, interpret: bool
 def dequant_call(p: HLWQPlanes, dtype, config: PallasConfig, interpret: bool):
     """The rotated-domain weight r · c[code] / √B, [rows, padded_in] in ``dtype`` (2-D layouts)."""
     bn = config.block_n_deq
-    kernel = functools.partial(_dequant_kernel, widths=p.widths, bn=bn, cpb=p.block_size // CHUNK)
+    kernel = functools.partial(_dequant_kernel, bits=p.bits, bn=bn, cpb=p.block_size // CHUNK)
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((p.rows, p.padded_in), dtype), grid=(p.rows // bn, p.n_chunks),
         compiler_params=_params(config.warps_deq, 1), interpret=interpret, name=f"hlwq_dequant_q{p.bits}",
@@ -233,8 +220,7 @@ def hlwq_matmul_pallas(x: jax.Array, w, *, config: PallasConfig = PallasConfig()
     dot_dtype = jnp.float32 if jnp.dtype(out_dtype).itemsize >= 4 else out_dtype
     path = plan(m, config)
     if path == "gemv":
-        y = gemv_call(to_tile_order(xr.astype(jnp.float32), p), p, out_dtype, rows_per_program=config.gemv_rows,
-                      max_tiles=config.gemv_max_tiles, lookup=config.gemv_lookup, interpret=interpret)
+        y = gemv_call(to_tile_order(xr.astype(jnp.float32), p), p, out_dtype, config.gemv, interpret=interpret)
     elif path == "dot":
         y = dot_call(xr.astype(dot_dtype), p, out_dtype, config, interpret)
     else:

@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from hlwq_jax.ops.hlwq_matmul.gemv_triton import check_settings, gemv_call, to_tile_order
+from hlwq_jax.ops.hlwq_matmul.gemv_triton import GemvConfig, gemv_call, to_tile_order
 from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, repack
 from hlwq_jax.ops.hlwq_matmul.pallas_triton import (check_can_run, chunk_loop, largest_divisor_at_most, lookup,
                                                     unpack_chunk)
@@ -32,9 +32,10 @@ from hlwq_jax.ops.ragged_hlwq_matmul.reference import check_args
 @dataclasses.dataclass(frozen=True)
 class RaggedPallasConfig:
     decode_max_rows: int = 16
-    gemv_rows: int = 1  # decode: the dense GEMV's settings (hlwq_matmul.PallasConfig), one program per token row
-    gemv_max_tiles: int = 8
-    gemv_lookup: str = "auto"
+    # decode: the dense GEMV (hlwq_matmul/gemv_triton.py), one program per token row; whole rows per program (fewer,
+    # longer-lived programs than the dense default): 6 experts × 1856 rows took 26 µs so, 53 µs with max_tiles=1
+    # (H200, results/bench_hlwq_matmul_gemv.md)
+    gemv: GemvConfig = GemvConfig(max_tiles=3)
     block_m: int = 64
     block_n: int = 128
     warps: int = 4
@@ -42,14 +43,15 @@ class RaggedPallasConfig:
     unroll: int = 1  # (ptxas: unroll 3 with bn 128 spills; 1 does not)
 
     def __post_init__(self):
-        check_settings("RaggedPallasConfig", self.gemv_rows, self.gemv_max_tiles, self.gemv_lookup)
+        if not isinstance(self.gemv, GemvConfig):
+            raise ValueError(f"RaggedPallasConfig.gemv must be a GemvConfig, got {type(self.gemv).__name__}")
 
 
 def plan(t: int, config: RaggedPallasConfig) -> str:
     return "decode" if t <= config.decode_max_rows else "grouped"
 
 
-def _grouped_kernel(tile_e_ref, tile_s_ref, tile_t_ref, x_ref, norms_ref, table_ref, *refs, widths, bm, bn,
+def _grouped_kernel(tile_e_ref, tile_s_ref, tile_t_ref, x_ref, norms_ref, table_ref, *refs, bits, bm, bn,
                     n_chunks, unroll, cpb, precision):
     """x_ref [T + bm, padded_in]; o_ref [T + bm, rows]; grid (tiles, rows / bn)."""
     *plane_refs, o_ref = refs
@@ -63,7 +65,7 @@ def _grouped_kernel(tile_e_ref, tile_s_ref, tile_t_ref, x_ref, norms_ref, table_
     @pl.when((stop > start) & (e >= 0))
     def _compute():
         def body(c, acc):
-            vals = lookup(table_ref, unpack_chunk(plane_refs, widths, (e,), r0, bn, c), table_ref.shape[0], "gather")
+            vals = lookup(table_ref, unpack_chunk(plane_refs, bits, (e,), r0, bn, c), table_ref.shape[0], "gather")
             xs = x_ref[toks, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)]  # [bm, 128]
             part = lax.dot_general(xs, vals.astype(x_ref.dtype), (((1,), (1,)), ((), ())),
                                    preferred_element_type=jnp.float32, precision=precision)
@@ -113,15 +115,14 @@ def ragged_hlwq_matmul_pallas(x_sorted: jax.Array, w, group_sizes: jax.Array, *,
     if plan(t, config) == "decode":
         ends = jnp.cumsum(group_sizes)
         expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(t, dtype=jnp.int32), side="right"), n_e - 1)
-        y = gemv_call(to_tile_order(xr, p), p, jnp.float32, rows_per_program=config.gemv_rows,
-                      max_tiles=config.gemv_max_tiles, lookup=config.gemv_lookup, interpret=interpret,
+        y = gemv_call(to_tile_order(xr, p), p, jnp.float32, config.gemv, interpret=interpret,
                       expert_ids=expert.astype(jnp.int32))
         covered = jnp.arange(t) < ends[-1]  # rows past the groups read the last expert here and are zeroed
         return jnp.where(covered[:, None], y[:, : p.out_features], 0).astype(out_dtype)
     bm, bn = config.block_m, config.block_n
     dot_dtype = jnp.float32 if jnp.dtype(out_dtype).itemsize >= 4 else out_dtype
     xr = jnp.pad(xr.astype(dot_dtype), [(0, bm), (0, 0)])  # a tile may start within bm of the end
-    kernel = functools.partial(_grouped_kernel, widths=p.widths, bm=bm, bn=bn, n_chunks=p.n_chunks,
+    kernel = functools.partial(_grouped_kernel, bits=p.bits, bm=bm, bn=bn, n_chunks=p.n_chunks,
                                unroll=largest_divisor_at_most(p.n_chunks, config.unroll), cpb=cpb, precision=lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None)
     sched = _tiles(group_sizes, t, bm)
     y = pl.pallas_call(
