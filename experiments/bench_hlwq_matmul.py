@@ -41,7 +41,6 @@ import numpy as np
 from hlwq_jax.ops.hlwq_matmul import PallasConfig, XlaConfig, hlwq_matmul, plan, repack, rotate_activations
 from hlwq_jax.ops.hlwq_matmul.gemv_triton import GemvConfig
 from hlwq_jax.ops.hlwq_matmul.layout import HLWQPlanes
-from hlwq_jax.ops.hlwq_matmul.xla import rotated_weight
 from hlwq_jax.ops.ragged_hlwq_matmul import RaggedPallasConfig, ragged_hlwq_matmul
 from hlwq_jax.quant.array import HLWQArray
 from hlwq_jax.quant.hlwq import quantize
@@ -179,8 +178,8 @@ def make_variant(kind, shape, bits, key, config=None, rotated=False):
         return (lambda x, w_: jnp.einsum("mi,oi->mo", x, w_.dequantize(jnp.bfloat16))), q
     if kind == "xla":
         return (lambda x, w_: hlwq_matmul(x, w_, impl="xla", config=config, rotated=rotated)), q
-    if kind == "dequant":  # rotated_weight alone (the M > reduce_max_m path's weight stage); x is ignored
-        return (lambda x, w_: rotated_weight(w_, jnp.bfloat16)), q
+    if kind == "dequant":  # rotated_values alone (the M > reduce_max_m path's weight stage); x is ignored
+        return (lambda x, w_: w_.rotated_values(jnp.bfloat16)), q
     if kind == "rotate":
         return (lambda x, w_: rotate_activations(x, w_)), q
     p = weight(shape, ("p", bits), lambda: jax.jit(repack)(q))

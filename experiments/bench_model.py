@@ -134,12 +134,35 @@ def bench_moe(cfg, params, length: int, iters: int, key) -> dict:
             "mean_tokens_per_expert": float(counts.mean())}
 
 
+def variant_params(params, variant: str):
+    """The bf16 params, or their HLWQ version: "hlwq<bits>" (default recipe, impl="xla") or "hlwq<bits>-pallas" (the
+    same weights, dense projections on impl="pallas-decode" via ``nn.linear.select_kernels``; interpret mode off a
+    GPU). Ready (block_until_ready) on return."""
+    if variant == "bf16":
+        return params
+    bits, _, kernels = variant[4:].partition("-")
+    if not variant.startswith("hlwq") or not bits.isdigit() or kernels not in ("", "pallas"):
+        raise ValueError(f"unknown variant {variant!r} (bf16 | hlwq<bits> | hlwq<bits>-pallas)")
+    from hlwq_jax import Recipe, quantize_params
+    from hlwq_jax.nn.linear import select_kernels
+    p, _ = quantize_params(params, Recipe.default(int(bits)), with_stats=False)
+    if kernels == "pallas":  # dense projections: the Pallas decode GEMV at M = 1, impl="xla" otherwise
+        p = select_kernels(p, "pallas-decode", interpret=jax.default_backend() != "gpu")
+    return jax.block_until_ready(p)
+
+
 def _git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                               cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def run_info() -> dict:
+    """git_sha, jax, device and platform of this run (the JSON header of the model benchmarks)."""
+    return {"git_sha": _git_sha(), "jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
+            "platform": platform.platform()}
 
 
 def _write(path: str, obj: dict) -> None:
@@ -189,8 +212,7 @@ def main(argv=None) -> dict:
     batches = [int(b) for b in args.decode_batches.split(",")]
     cfg = nh.NemotronHConfig.from_hf(TINY_HF if args.tiny else nh.NANO_30B_HF)
     res = {"bench": "bench_model", "args": {**vars(args), "decode_batches": batches},
-           "config": dataclasses.asdict(cfg), "git_sha": _git_sha(), "jax": jax.__version__,
-           "device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
+           "config": dataclasses.asdict(cfg), **run_info(),
            "param_count": nh.param_count(nh.abstract_params(cfg)), "variants": {}}
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
@@ -198,22 +220,10 @@ def main(argv=None) -> dict:
     jax.block_until_ready(params)
     res["init_s"] = time.perf_counter() - t0
     for variant in args.variants.split(","):
-        if variant == "bf16":
-            p = params
-        elif variant.startswith("hlwq"):
-            from hlwq_jax import Recipe, quantize_params
-            from hlwq_jax.nn.linear import select_kernels
-            bits, _, kernels = variant[4:].partition("-")
-            if kernels not in ("", "pallas"):
-                raise ValueError(f"unknown variant {variant!r} (bf16 | hlwq<bits> | hlwq<bits>-pallas)")
-            t0 = time.perf_counter()
-            p, _ = quantize_params(params, Recipe.default(int(bits)), with_stats=False)
-            if kernels == "pallas":  # dense projections: the Pallas decode GEMV at M = 1, impl="xla" otherwise
-                p = select_kernels(p, "pallas-decode", interpret=jax.default_backend() != "gpu")
-            jax.block_until_ready(p)
+        t0 = time.perf_counter()
+        p = variant_params(params, variant)
+        if p is not params:
             res.setdefault("quantize_s", {})[variant] = time.perf_counter() - t0
-        else:
-            raise ValueError(f"unknown variant {variant!r} (bf16 | hlwq<bits> | hlwq<bits>-pallas)")
         v = res["variants"][variant] = {"weight_bytes": nh.param_bytes(p)}
         print(f"[{variant}] weights {v['weight_bytes'] / 1e9:.2f} GB", flush=True)
         v["prefill"] = bench_prefill(cfg, p, args.prefill_len, args.iters, jax.random.fold_in(key, 1))

@@ -31,8 +31,9 @@ DENSE_PROJECTIONS = ("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_pro
 class KernelChoice:
     """An HLWQ weight with the hlwq_matmul implementation ``linear`` must use for it.
 
-    Invariant: ``weight`` is an HLWQArray or HLWQPlanes of shape [out, in]; ``impl`` is a registered hlwq_matmul
-    implementation; ``config`` its frozen config (or None for the default). Leaves: those of ``weight``.
+    Invariant: ``weight`` is an HLWQArray or HLWQPlanes of shape [out, in] (used by ``linear``) or a stacked expert
+    weight [E, out, in] (used by nn.moe); ``impl`` is a registered hlwq_matmul implementation; ``config`` its frozen
+    config, a RaggedPallasConfig for a stacked weight, or None for the default. Leaves: those of ``weight``.
     """
     weight: Any
     impl: str = dataclasses.field(metadata=dict(static=True))
@@ -50,24 +51,30 @@ class KernelChoice:
 QUANTIZED_TYPES = (HLWQArray, HLWQPlanes, RTNArray, NF4Array, NVFP4Array, KernelChoice)
 
 
-def select_kernels(params, impl: str, *, names=DENSE_PROJECTIONS, config=None, interpret: bool = False,
-                   repack_weights: bool = True):
-    """Wrap every 2-D HLWQ leaf whose last path key is in ``names`` in ``KernelChoice(impl, config)``.
+def select_kernels(params, impl: str, *, names=DENSE_PROJECTIONS, config=None, experts: bool = False,
+                   expert_config=None, interpret: bool = False, repack_weights: bool = True):
+    """Wrap every 2-D HLWQ leaf whose last path key is in ``names`` in ``KernelChoice(impl, config)`` (``linear``
+    honours it; ``config``: the impl's config, e.g. a PallasConfig).
 
-    ``repack_weights``: convert the chosen HLWQArray leaves to the kernel layout (``HLWQPlanes``) once, here, so that
-    the Pallas kernels do not repack on every call. Stacked expert weights (3-D) are left alone (the MoE module
-    contracts them itself). Raises if ``impl`` is not a registered hlwq_matmul implementation.
+    ``experts``: also wrap stacked expert leaves [E, out, in] under those names, with ``expert_config`` (a
+    RaggedPallasConfig or None): nn.moe's gather (decode) path then runs them on the Pallas gather GEMV for impl
+    "pallas" / "pallas-decode", on XLA otherwise; its other paths read the weight inside as before. Off by default:
+    its model-level speed is not measured yet, and repacking all 30B-model experts on the device next to a resident
+    bf16 copy ran out of memory (results/README.md). ``repack_weights``: convert the chosen HLWQArray leaves to the
+    kernel layout (``HLWQPlanes``) once, here, so that the Pallas kernels do not repack on every call. Raises if
+    ``impl`` is not a registered hlwq_matmul implementation.
     """
     if impl not in hlwq_ops.implementations():
         raise ValueError(f"unknown hlwq_matmul impl {impl!r}; registered: {hlwq_ops.implementations()}")
+    ranks = (2, 3) if experts else (2,)
 
     def one(path, leaf):
         key = path[-1] if path else None
         name = getattr(key, "key", getattr(key, "name", None))
-        if not (isinstance(leaf, HLWQ_TYPES) and len(leaf.shape) == 2 and name in names):
+        if not (isinstance(leaf, HLWQ_TYPES) and len(leaf.shape) in ranks and name in names):
             return leaf
         w = repack(leaf) if repack_weights and isinstance(leaf, HLWQArray) else leaf
-        return KernelChoice(w, impl, config, interpret)
+        return KernelChoice(w, impl, config if len(leaf.shape) == 2 else expert_config, interpret)
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda l: isinstance(l, (*HLWQ_TYPES, KernelChoice)))
 

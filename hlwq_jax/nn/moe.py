@@ -48,16 +48,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hlwq_jax.nn.linear import dense_weight, is_quantized
+from hlwq_jax.nn.linear import KernelChoice, dense_weight, is_quantized
 from hlwq_jax.nn.mlp import mlp, mlp_reference, relu2
 from hlwq_jax.ops.grouped_matmul import grouped_matmul
 from hlwq_jax.ops.hlwq_matmul.rotate import rotate_activations
+from hlwq_jax.ops.hlwq_matmul.layout import HLWQPlanes
 from hlwq_jax.ops.hlwq_matmul.xla import codes_and_norms
+from hlwq_jax.ops.ragged_hlwq_matmul import RaggedPallasConfig, gather_hlwq_matmul_pallas
 from hlwq_jax.quant.array import HLWQArray
 
 CAPACITY_FACTORS = (1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 IMPLS = ("capacity", "gather", "ragged", "ragged-mgpu", "reference")
 _GROUPED = {"ragged": "xla", "ragged-mgpu": "mosaic_gpu"}
+HLWQ_STACKS = (HLWQArray, HLWQPlanes)
+PALLAS_IMPLS = ("pallas", "pallas-decode")  # a KernelChoice expert leaf with one of these: the Pallas gather GEMV
+
+
+def _unwrap(w):
+    """The weight of a ``KernelChoice`` leaf (nn.linear.select_kernels), any other leaf as is."""
+    return w.weight if isinstance(w, KernelChoice) else w
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +120,7 @@ def route(params: dict, x: jax.Array, cfg: MoEConfig) -> tuple[jax.Array, jax.Ar
 
 def _select(w, idx, dtype):
     """Rows `idx` of a stacked expert leaf, dense in dtype (only those experts are read / dequantized)."""
+    w = _unwrap(w)
     if not is_quantized(w):
         return jnp.take(jnp.asarray(w), idx, axis=0).astype(dtype)
     if not hasattr(w, "take"):
@@ -131,7 +141,8 @@ def _operand(w, dtype):
     [..., in'] in dtype). An HLWQ stack stays in its rotated domain — Ŵ_rot = r · c[code] / √B, in' = padded in —
     and the rows are rotated instead (a [.., B] × [B, B] transform per row, not one per weight row). Other leaves are
     dequantized; dense arrays pass through."""
-    if isinstance(w, HLWQArray):
+    w = _unwrap(w)
+    if isinstance(w, HLWQ_STACKS):
         return w.rotated_values(dtype), lambda r: rotate_activations(r, w).astype(dtype)
     return dense_weight(w, dtype), lambda r: r
 
@@ -139,8 +150,13 @@ def _operand(w, dtype):
 def _gathered_proj(w, rows, idx, dtype):
     """f32 [A, out]: row a of `rows` [A, in] times expert idx[a] of the stacked leaf w [S, out, in]. Only the selected
     experts are read; an HLWQ leaf is contracted in its rotated domain (rows rotated once, codes looked up and scaled by
-    their norms inside the reduction: no inverse Hadamard on the weight, no dense weight materialised)."""
-    if isinstance(w, HLWQArray):
+    their norms inside the reduction: no inverse Hadamard on the weight, no dense weight materialised). A KernelChoice
+    leaf with impl "pallas" / "pallas-decode" runs the Pallas gather GEMV (ops.ragged_hlwq_matmul) instead."""
+    if isinstance(w, KernelChoice) and w.impl in PALLAS_IMPLS:
+        return gather_hlwq_matmul_pallas(rows, w.weight, idx, config=w.config or RaggedPallasConfig(),
+                                         interpret=w.interpret)
+    w = _unwrap(w)
+    if isinstance(w, HLWQ_STACKS):
         sel = w.take(idx)                                                             # [A, out, in] codes, norms
         xr = rotate_activations(rows, sel)                                            # [A, padded_in] f32
         codes, norms = codes_and_norms(sel)                                           # [A, out, nb, B], [A, out, nb]

@@ -208,15 +208,20 @@ def test_quantized_leaves_run_the_model(tiny, fwd):
 
 def test_kernels_selected_per_leaf(tiny, fwd):
     """select_kernels: the dense HLWQ projections run the Pallas decode GEMV (interpret mode here) for a one-token
-    step and impl="xla" for a longer one; the logits equal those of the same leaves on impl="xla"."""
+    step and impl="xla" for a longer one; with experts=True the stacked experts run the Pallas gather GEMV on the MoE
+    gather path (one token) and their XLA form on the capacity path (5 tokens); the logits equal those of the same
+    leaves on XLA."""
     from hlwq_jax import QuantSpec, Recipe, quantize_params
     from hlwq_jax.nn.linear import KernelChoice, select_kernels
     from hlwq_jax.quant.array import HLWQArray
     cfg, params = tiny
     q, _ = quantize_params(params, Recipe.mamba_aware(QuantSpec(bits=5, block_size=128)), with_stats=False)
-    k = select_kernels(q, "pallas-decode", interpret=True)
+    assert isinstance(select_kernels(q, "pallas-decode")["layers"][2]["mixer"]["experts"]["up_proj"], HLWQArray)
+    k = select_kernels(q, "pallas-decode", experts=True, interpret=True)
     assert isinstance(k["layers"][0]["mixer"]["in_proj"], KernelChoice)
-    assert isinstance(k["layers"][2]["mixer"]["experts"]["up_proj"], HLWQArray)  # stacked experts: left alone
+    experts = k["layers"][2]["mixer"]["experts"]["up_proj"]
+    assert isinstance(experts, KernelChoice) and experts.weight.ndim == 3 and experts.config is None
+    assert 5 * cfg.num_experts_per_tok > cfg.n_routed_experts >= cfg.num_experts_per_tok  # capacity / gather paths
     for tokens in (_tokens()[:1, :1], _tokens()[:1, :5]):
         got, _ = fwd(cfg, k, tokens)
         want, _ = fwd(cfg, q, tokens)

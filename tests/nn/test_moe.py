@@ -111,6 +111,26 @@ def test_quantized_experts_match_their_dequantization(rng, hidden, inter, rotati
         assert _rel(got, np.asarray(ref, np.float64)) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["pallas-decode", "xla"])
+def test_kernel_choice_experts_match_hlwq_experts(rng, impl):
+    """Experts wrapped by select_kernels (HLWQPlanes in a KernelChoice): the gather path runs the Pallas gather GEMV
+    (interpret mode here) for "pallas-decode", XLA otherwise; every impl equals the same experts as HLWQArrays."""
+    from hlwq_jax.nn.linear import KernelChoice, select_kernels
+    from hlwq_jax.quant.hlwq import quantize
+    cfg = dataclasses.replace(CFG, hidden=256, expert_dim=128, shared_dim=0)
+    p = _params(cfg, rng)
+    q = {k: quantize(jnp.asarray(v, jnp.float32), bits=5, block_size=128, seed=3) for k, v in p["experts"].items()}
+    plain = select_kernels({"experts": q}, impl)["experts"]  # experts=False: stacked leaves left alone
+    assert all(plain[name] is q[name] for name in q)
+    k = select_kernels({"experts": q}, impl, experts=True, interpret=True)["experts"]
+    assert all(isinstance(v, KernelChoice) and v.weight.ndim == 3 for v in k.values())
+    x = jnp.asarray(rng.standard_normal((3, cfg.hidden)), jnp.float32)
+    w, ids = route(_j(p), x, cfg)
+    for moe_impl in ("gather", "capacity", "ragged", "reference"):
+        want = moe_experts(q, x, ids, w, impl=moe_impl)
+        assert _rel(moe_experts(k, x, ids, w, impl=moe_impl), np.asarray(want, np.float64)) < 1e-5, moe_impl
+
+
 def test_bad_input(rng):
     p = _j(_params(CFG, rng))
     with pytest.raises(ValueError, match="unknown impl"):

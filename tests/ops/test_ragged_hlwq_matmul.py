@@ -11,7 +11,7 @@ import pytest
 
 from hlwq_oracle import dequantize_numpy, exact_weight, rel_err
 from hlwq_jax.ops.hlwq_matmul import GemvConfig, repack
-from hlwq_jax.ops.ragged_hlwq_matmul import RaggedPallasConfig, plan, ragged_hlwq_matmul
+from hlwq_jax.ops.ragged_hlwq_matmul import RaggedPallasConfig, gather_hlwq_matmul_pallas, plan, ragged_hlwq_matmul
 
 E, OUT, IN = 5, 200, 300
 
@@ -102,6 +102,29 @@ class TestPallasInterpret(RaggedSuite):
         x = jnp.asarray(rng.standard_normal((2, IN)), jnp.float32)
         y = self.run(x, p, [0, 1, 0, 1, 0])
         np.testing.assert_allclose(np.asarray(y), oracle(np.asarray(x), w, [0, 1, 0, 1, 0]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,ids", [(5, [3, 3, 0, 4, 3, 1]), (4, [2]), (6, [4, 0, 4])])
+def test_gather_matmul_rows_by_expert(bits, ids):
+    """Row a times expert ids[a] (unsorted, repeated experts), float64 oracle; GPU kernel on a GPU, else interpret."""
+    rng = np.random.default_rng(bits)
+    w = exact_weight(rng, bits, (E, OUT, IN))
+    x = jnp.asarray(rng.standard_normal((len(ids), IN)), jnp.float32)
+    y = gather_hlwq_matmul_pallas(x, repack(w), jnp.asarray(ids), interpret=jax.default_backend() != "gpu")
+    w_hat = dequantize_numpy(w)
+    ref = np.stack([w_hat[e] @ np.asarray(x[a], np.float64) for a, e in enumerate(ids)])
+    assert y.shape == ref.shape and y.dtype == jnp.float32
+    assert rel_err(y, ref) < 1e-5
+
+
+def test_gather_matmul_errors():
+    p = repack(exact_weight(np.random.default_rng(0), 4, (E, OUT, IN)))
+    with pytest.raises(ValueError, match="stacked HLWQPlanes"):
+        gather_hlwq_matmul_pallas(jnp.ones((2, IN)), p.take(jnp.asarray([0])).to_hlwq(), jnp.zeros(2, jnp.int32),
+                                  interpret=True)
+    with pytest.raises(ValueError, match="disagree"):
+        gather_hlwq_matmul_pallas(jnp.ones((2, IN)), p, jnp.zeros(3, jnp.int32), interpret=True)
+    assert gather_hlwq_matmul_pallas(jnp.ones((0, IN)), p, jnp.zeros(0, jnp.int32), interpret=True).shape == (0, OUT)
 
 
 @pytest.mark.gpu

@@ -125,6 +125,13 @@ class HLWQPlanes(BlockGeometry):
                          block_size=self.block_size, shape=self.shape, rotation=self.rotation, seed=self.seed,
                          codebook_name=self.codebook_name)
 
+    def rotated_values(self, dtype=jnp.float32) -> jax.Array:
+        """norms · codebook[codes] / √B in the rotated domain, [*lead, out, padded_in] (as HLWQArray's; no H)."""
+        lead = self.shape[:-2]
+        norms = jnp.swapaxes(self.norms_t, -1, -2)[..., : self.out_features, :].astype(jnp.float32)
+        vals = self.table[self.codes()].reshape(*lead, self.out_features, self.n_blocks, self.block_size)
+        return (vals * norms[..., None]).reshape(*lead, self.out_features, self.padded_in).astype(dtype)
+
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         return self.to_hlwq().dequantize(dtype)
 

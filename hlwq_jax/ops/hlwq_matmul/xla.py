@@ -38,14 +38,6 @@ def codes_and_norms(w):
     return w.unpack_codes(), w.norms.astype(jnp.float32)
 
 
-def rotated_weight(w, dtype) -> jax.Array:
-    """r · c[code] / √B, [*lead, out, padded_in] in ``dtype`` (the weight in the rotated domain, H not applied)."""
-    codes, norms = codes_and_norms(w)
-    table = w.codebook.astype(jnp.float32) * np.float32(1.0 / math.sqrt(w.block_size))
-    vals = table[codes] * norms[..., None]
-    return vals.reshape(*vals.shape[:-2], -1).astype(dtype)
-
-
 def hlwq_matmul_xla(x: jax.Array, w, *, config: XlaConfig = XlaConfig(), rotated: bool = False) -> jax.Array:
     """x [..., in] (or x̃ [..., padded_in] float32 when ``rotated``), w [out, in] → [..., out] in x.dtype."""
     if len(w.shape) != 2:
@@ -63,7 +55,7 @@ def hlwq_matmul_xla(x: jax.Array, w, *, config: XlaConfig = XlaConfig(), rotated
         y = jnp.sum(xb * vals[None], axis=(-2, -1))  # [m, out]
     else:
         dot_dtype = jnp.float32 if jnp.dtype(out_dtype).itemsize >= 4 else out_dtype
-        w_rot = rotated_weight(w, dot_dtype)
+        w_rot = w.rotated_values(dot_dtype)
         # bf16 / fp16: the dot accumulates in float32 and writes x.dtype directly (a float32 [M, out] result plus a
         # cast pass cost 1.39x bf16's time at M = 4096 on the H200, results/bench_hlwq_matmul_xla.md)
         y = jnp.einsum("mi,oi->mo", xr.astype(dot_dtype), w_rot, preferred_element_type=dot_dtype,

@@ -99,6 +99,26 @@ def _tiles(group_sizes, t: int, bm: int):
             jnp.where(live, stop, 0).astype(jnp.int32))
 
 
+def gather_hlwq_matmul_pallas(x: jax.Array, w: HLWQPlanes, expert_ids: jax.Array, *,
+                              config: RaggedPallasConfig = RaggedPallasConfig(), interpret: bool = False) -> jax.Array:
+    """float32 [A, out]: row a of x [A, in] times expert expert_ids[a] (int, in [0, E)) of the stacked HLWQPlanes
+    w [E, out, in] — the decode GEMV with one program per (rows, row a); only the experts named are read (an MoE
+    decode's gathered experts, without sorting the rows by expert)."""
+    check_can_run(interpret)
+    if not isinstance(w, HLWQPlanes) or w.ndim != 3:
+        raise ValueError(f"gather_hlwq_matmul_pallas needs stacked HLWQPlanes [E, out, in], got "
+                         f"{type(w).__name__} of shape {getattr(w, 'shape', None)}")
+    if x.ndim != 2 or x.shape[-1] != w.in_features or expert_ids.shape != x.shape[:1]:
+        raise ValueError(f"gather_hlwq_matmul_pallas: x {x.shape}, expert_ids {expert_ids.shape} and weight "
+                         f"{w.shape} disagree (want x [A, {w.in_features}], expert_ids [A])")
+    if x.shape[0] == 0:
+        return jnp.zeros((0, w.out_features), jnp.float32)
+    xr = rotate_activations(x, w)  # f32 [A, padded_in]
+    y = gemv_call(to_tile_order(xr, w), w, jnp.float32, config.gemv, interpret=interpret,
+                  expert_ids=expert_ids.astype(jnp.int32))
+    return y[:, : w.out_features]
+
+
 def ragged_hlwq_matmul_pallas(x_sorted: jax.Array, w, group_sizes: jax.Array, *,
                               config: RaggedPallasConfig = RaggedPallasConfig(), interpret: bool = False) -> jax.Array:
     """x_sorted [T, in], w HLWQPlanes | HLWQArray [E, out, in], group_sizes int [E] → [T, out] in x dtype."""
@@ -110,15 +130,14 @@ def ragged_hlwq_matmul_pallas(x_sorted: jax.Array, w, group_sizes: jax.Array, *,
     if t == 0:
         return jnp.zeros((0, p.out_features), out_dtype)
     group_sizes = group_sizes.astype(jnp.int32)
-    xr = rotate_activations(x_sorted, p)  # f32 [T, padded_in]
-    cpb = p.block_size // CHUNK
     if plan(t, config) == "decode":
         ends = jnp.cumsum(group_sizes)
         expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(t, dtype=jnp.int32), side="right"), n_e - 1)
-        y = gemv_call(to_tile_order(xr, p), p, jnp.float32, config.gemv, interpret=interpret,
-                      expert_ids=expert.astype(jnp.int32))
+        y = gather_hlwq_matmul_pallas(x_sorted, p, expert, config=config, interpret=interpret)
         covered = jnp.arange(t) < ends[-1]  # rows past the groups read the last expert here and are zeroed
-        return jnp.where(covered[:, None], y[:, : p.out_features], 0).astype(out_dtype)
+        return jnp.where(covered[:, None], y, 0).astype(out_dtype)
+    xr = rotate_activations(x_sorted, p)  # f32 [T, padded_in]
+    cpb = p.block_size // CHUNK
     bm, bn = config.block_m, config.block_n
     dot_dtype = jnp.float32 if jnp.dtype(out_dtype).itemsize >= 4 else out_dtype
     xr = jnp.pad(xr.astype(dot_dtype), [(0, bm), (0, 0)])  # a tile may start within bm of the end
