@@ -29,7 +29,9 @@ Public signatures:
             candidate loops over rounds when even it is too small), so uneven routing costs S·C rows with C just
             above the largest group instead of a second full round.
         "gather" (decode): gathers only the selected experts' weights (T·k of them) — use when T·k << S; HLWQ
-            experts are contracted in the rotated domain (activations rotated, codes looked up in the reduction).
+            experts are contracted in the rotated domain (activations rotated, codes looked up in the reduction);
+            experts wrapped by nn.linear.select_kernels(..., experts=True) with impl "pallas" / "pallas-decode"
+            run the Pallas gather GEMV (ops.ragged_hlwq_matmul.gather_hlwq_matmul_pallas) instead.
         "ragged" / "ragged-mgpu" (prefill; dropless, no padding FLOPs): assignments sorted by expert, one grouped
             matmul per projection over the T·k sorted rows (hlwq_jax.ops.grouped_matmul, impl "xla" /
             "mosaic_gpu"; the latter needs an sm_90 GPU and 16-bit weights, and raises elsewhere), combine by the
