@@ -7,7 +7,8 @@ Command (H200, jax 0.11.2 + CUDA; ~3-5 min, mostly compiles):
     PYTHONPATH=. python3 experiments/bench_model.py --tiny --out /tmp/bench_model.json      # CPU plumbing check
 Measures, for bf16 weights and for HLWQ Q5 (default Mamba-aware recipe, XLA path: hlwq_matmul / dequantize; variant
 "hlwq5-pallas": the same weights with the dense projections on impl="pallas-decode" — the Pallas decode GEMV for
-one-token steps, XLA otherwise — via ``nn.linear.select_kernels``; interpret mode off a GPU):
+one-token steps, XLA otherwise — via ``nn.linear.select_kernels``; "hlwq5-pallas-experts": also the stacked MoE
+experts (the Pallas gather GEMV at decode; not yet timed on the H200); interpret mode off a GPU):
   * prefill tokens/s at --prefill-len (4096) tokens, batch 1 (filling a KV / SSM cache);
   * decode tokens/s at batch 1, 8, 64 (greedy feedback on device, KV window --context + steps);
   Both run layer by layer (nemotron_h.forward_layerwise: a few small compiles instead of one 52-layer program per
@@ -134,20 +135,25 @@ def bench_moe(cfg, params, length: int, iters: int, key) -> dict:
             "mean_tokens_per_expert": float(counts.mean())}
 
 
+VARIANTS = "bf16 | hlwq<bits> | hlwq<bits>-pallas | hlwq<bits>-pallas-experts"
+
+
 def variant_params(params, variant: str):
-    """The bf16 params, or their HLWQ version: "hlwq<bits>" (default recipe, impl="xla") or "hlwq<bits>-pallas" (the
+    """The bf16 params, or their HLWQ version: "hlwq<bits>" (default recipe, impl="xla"), "hlwq<bits>-pallas" (the
     same weights, dense projections on impl="pallas-decode" via ``nn.linear.select_kernels``; interpret mode off a
-    GPU). Ready (block_until_ready) on return."""
+    GPU) or "hlwq<bits>-pallas-experts" (also the stacked MoE experts: the Pallas gather GEMV at decode). Ready
+    (block_until_ready) on return."""
     if variant == "bf16":
         return params
     bits, _, kernels = variant[4:].partition("-")
-    if not variant.startswith("hlwq") or not bits.isdigit() or kernels not in ("", "pallas"):
-        raise ValueError(f"unknown variant {variant!r} (bf16 | hlwq<bits> | hlwq<bits>-pallas)")
+    if not variant.startswith("hlwq") or not bits.isdigit() or kernels not in ("", "pallas", "pallas-experts"):
+        raise ValueError(f"unknown variant {variant!r} ({VARIANTS})")
     from hlwq_jax import Recipe, quantize_params
     from hlwq_jax.nn.linear import select_kernels
     p, _ = quantize_params(params, Recipe.default(int(bits)), with_stats=False)
-    if kernels == "pallas":  # dense projections: the Pallas decode GEMV at M = 1, impl="xla" otherwise
-        p = select_kernels(p, "pallas-decode", interpret=jax.default_backend() != "gpu")
+    if kernels:  # the Pallas decode GEMV at M = 1, impl="xla" otherwise
+        p = select_kernels(p, "pallas-decode", experts=kernels == "pallas-experts",
+                           interpret=jax.default_backend() != "gpu")
     return jax.block_until_ready(p)
 
 

@@ -42,15 +42,22 @@ def test_kernel_table_reads_a_trace(tmp_path):
     assert abs(sum(t["categories_us_per_step"].values()) - t["busy_us_per_step"]) < 1e-6 * t["busy_us_per_step"] + 1e-9
 
 
+def test_variant_names():
+    from experiments.bench_model import variant_params
+    for bad in ("hlwq", "hlwq5-cuda", "fp8"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            variant_params({}, bad)
+
+
 @pytest.mark.slow
 def test_tiny_profile_decode(tmp_path):
     out = tmp_path / "p.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "-m", "experiments.profile_decode", "--tiny", "--steps", "2",
-                        "--variants", "bf16,hlwq5", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
+    cmd = [sys.executable, "-m", "experiments.profile_decode", "--tiny", "--steps", "2",
+           "--variants", "bf16,hlwq5-pallas-experts", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     saved = json.loads(out.read_text())
-    assert set(saved["variants"]) == {"bf16", "hlwq5"} and p.stdout.rstrip().endswith(saved["table"].splitlines()[-1])
+    assert set(saved["variants"]) == {"bf16", "hlwq5-pallas-experts"} and p.stdout.rstrip().endswith(saved["table"].splitlines()[-1])
     for v in saved["variants"].values():
         assert v["wall_ms_per_step"] > 0 and v["busy_us_per_step"] > 0 and v["kernels"]
