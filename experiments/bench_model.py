@@ -76,6 +76,16 @@ def bench_prefill(cfg, params, length: int, iters: int, key) -> dict:
     return {"seconds": t, "tokens_per_s": length / t, "first_call_s": compile_s}
 
 
+def decode_step(cfg, fused: bool):
+    """(params, tokens [B, 1], cache) → (greedy next tokens [B, 1], cache): one jitted program with the cache donated
+    (fused), or forward_layerwise (one jitted call per layer)."""
+    def step_fn(p, t, c):
+        lg, c = (nh.forward if fused else nh.forward_layerwise)(cfg, p, t, c)
+        return jnp.argmax(lg[:, -1:], -1).astype(jnp.int32), c
+
+    return jax.jit(step_fn, donate_argnums=(2,)) if fused else step_fn
+
+
 def bench_decode(cfg, params, batch: int, context: int, steps: int, key, fused: bool) -> dict:
     """Greedy decode steps over caches of max_len = context + steps (attention reads the whole cache window, so the
     cost does not depend on how much of it a prompt filled; the caches start empty). fused: the whole model as one
@@ -84,11 +94,7 @@ def bench_decode(cfg, params, batch: int, context: int, steps: int, key, fused: 
     cache = nh.init_cache(cfg, batch, context + steps + 1, dtype)
     tok = jax.random.randint(key, (batch, 1), 0, cfg.vocab_size, jnp.int32)
 
-    def step_fn(p, t, c):
-        lg, c = (nh.forward if fused else nh.forward_layerwise)(cfg, p, t, c)
-        return jnp.argmax(lg[:, -1:], -1).astype(jnp.int32), c
-
-    step = jax.jit(step_fn, donate_argnums=(2,)) if fused else step_fn
+    step = decode_step(cfg, fused)
     t0 = time.perf_counter()
     tok, cache = jax.block_until_ready(step(params, tok, cache))
     compile_s = time.perf_counter() - t0

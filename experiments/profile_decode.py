@@ -27,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_model import TINY_HF, _write, run_info, variant_params
+from experiments.bench_model import TINY_HF, _write, decode_step, run_info, variant_params
 from hlwq_jax.models import nemotron_h as nh
 
 CATEGORIES = (  # (category, substrings of the kernel name), first match wins
@@ -84,11 +84,7 @@ def profile_variant(cfg, params, steps: int, context: int, key) -> dict:
     cache = nh.init_cache(cfg, 1, context + steps + 4, dtype)
     tok = jax.random.randint(key, (1, 1), 0, cfg.vocab_size, jnp.int32)
 
-    def step_fn(p, t, c):
-        lg, c = nh.forward(cfg, p, t, c)
-        return jnp.argmax(lg[:, -1:], -1).astype(jnp.int32), c
-
-    step = jax.jit(step_fn, donate_argnums=(2,))
+    step = decode_step(cfg, fused=True)
     for _ in range(3):  # compile + warm-up
         tok, cache = step(params, tok, cache)
     jax.block_until_ready(tok)
