@@ -11,6 +11,9 @@ impl="xla" only (bf16 re-timed beside every shape and M; ≈ 80 variants, expect
 cut by --budget-s; CPU plumbing check with --tiny: ≈ 20 s):
     PYTHONPATH=. timeout 300 python3 experiments/bench_hlwq_matmul.py --suite xla --budget-s 200 --no-checks \
         --out $OUT/bench_hlwq_matmul_xla.jsonl
+The M > 1 paths (grouped prefill, dot, dequantize + cuBLAS; ≈ 60 variants):
+    PYTHONPATH=. timeout 500 python3 experiments/bench_hlwq_matmul.py --suite batched --budget-s 400 \
+        --out $OUT/bench_hlwq_matmul_batched.jsonl
 Then render the committed table: python experiments/bench_hlwq_matmul.py --render results/bench_hlwq_matmul.jsonl
 
 Method (docs/gpu.md "How to measure"): one jitted step runs K calls, each on its own copy of the weight (K copies
@@ -40,6 +43,7 @@ import numpy as np
 
 from hlwq_jax.ops.hlwq_matmul import PallasConfig, XlaConfig, hlwq_matmul, plan, repack, rotate_activations
 from hlwq_jax.ops.hlwq_matmul.gemv_triton import GemvConfig
+from hlwq_jax.ops.hlwq_matmul.pallas_triton import dequant_call
 from hlwq_jax.ops.hlwq_matmul.layout import HLWQPlanes
 from hlwq_jax.ops.ragged_hlwq_matmul import RaggedPallasConfig, ragged_hlwq_matmul
 from hlwq_jax.quant.array import HLWQArray
@@ -180,9 +184,13 @@ def make_variant(kind, shape, bits, key, config=None, rotated=False):
         return (lambda x, w_: hlwq_matmul(x, w_, impl="xla", config=config, rotated=rotated)), q
     if kind == "dequant":  # rotated_values alone (the M > reduce_max_m path's weight stage); x is ignored
         return (lambda x, w_: w_.rotated_values(jnp.bfloat16)), q
+    if kind == "dequant_planes":  # the same from the kernel layout (nn.moe's XLA paths on KernelChoice experts)
+        return (lambda x, w_: w_.rotated_values(jnp.bfloat16)), weight(shape, ("p", bits), lambda: jax.jit(repack)(q))
     if kind == "rotate":
         return (lambda x, w_: rotate_activations(x, w_)), q
     p = weight(shape, ("p", bits), lambda: jax.jit(repack)(q))
+    if kind == "pallas_dequant":  # the Pallas dequantize kernel alone (the M ≥ dequant_min_m path's weight stage)
+        return (lambda x, w_: dequant_call(w_, jnp.bfloat16, config or PallasConfig(), INTERPRET)), p
     if kind == "pallas":
         if rotated:  # activations pre-rotated (shared rotation): time the kernel alone
             return (lambda x, w_: hlwq_matmul(x, w_, impl="pallas", config=config, rotated=True, interpret=INTERPRET)), p
@@ -233,7 +241,7 @@ def run_dense(record, shape_name, m, kind, bits=None, config=None, rotated=False
     n_pad = (w.padded_in if isinstance(w, (HLWQArray, HLWQPlanes)) else n_in)
     if kind == "rotate":  # bytes: x read, float32 x̃ written (no weight)
         wb, xbytes, ybytes, flops = 0, m * n_in * 2, m * n_pad * 4, 0.0
-    elif kind == "dequant":  # bytes: codes + norms read, the bf16 rotated weight written (no activations)
+    elif kind in ("dequant", "dequant_planes", "pallas_dequant"):  # codes + norms read, bf16 rotated weight written
         xbytes, ybytes, flops = 0, out * n_pad * 2, 0.0
     est = floor_s(wb + xbytes + ybytes, flops)
     k = r = plan_copies(wb, est)
@@ -376,6 +384,47 @@ def suite_full(record):
         run_dense(record, "lm_head", m, "pallas", 5, d, label="pallas Q5")
 
 
+def suite_batched(record):
+    """M > 1 on the Pallas paths (ninth session: warp-shuffle lookup, the weight tile as the wgmma A operand): the
+    grouped prefill against the dense bf16 matmul of the same useful FLOPs, then M = 16 on every shape, the
+    dequantize stage alone, M = 4096 and 1024 (dequantize + cuBLAS) on every shape, M = 64 … 256 with both paths;
+    bf16 timed beside each (shape, M). Labelled rows are config variants of the defaults."""
+    d = PallasConfig()
+    run_moe(record, "prefill", "bf16_dense", label="bf16 dense, same FLOPs (first)")
+    for name, fields in (("", {}), (" st1", dict(stages=1)), (" bn64", dict(block_n=64)),
+                         (" bm128 w8", dict(block_m=128, warps=8))):
+        run_moe(record, "prefill", "pallas", config=RaggedPallasConfig(**fields), label=f"pallas Q5{name}")
+    run_moe(record, "prefill", "bf16_dense", label="bf16 dense, same FLOPs")
+    for shp in SHAPES:
+        run_dense(record, shp, 16, "bf16")
+        run_dense(record, shp, 16, "pallas", 5, d, label="pallas Q5")
+        if shp in ("in_proj", "lm_head"):
+            run_dense(record, shp, 16, "pallas", 5, dataclasses.replace(d, stages_dot=1), label="pallas Q5 st1")
+            run_dense(record, shp, 16, "pallas", 5, dataclasses.replace(d, block_n_dot=128, stages_dot=2),
+                      label="pallas Q5 bn128 st2")
+            run_dense(record, shp, 16, "pallas", 4, d, label="pallas Q4")
+    for m in (4096, 1024):
+        run_dense(record, "in_proj", m, "rotate", 5, label="rotation only (float32 x̃)")
+    for shp in ("in_proj", "lm_head"):
+        run_dense(record, shp, 4096, "pallas_dequant", 5, d, label="pallas dequant only")
+    run_dense(record, "in_proj", 4096, "dequant", 5, label="xla dequant only (HLWQArray)")
+    run_dense(record, "in_proj", 4096, "dequant_planes", 5, label="xla dequant only (HLWQPlanes)")
+    run_dense(record, "in_proj", 4096, "xla", 5, XlaConfig(), label="xla Q5")
+    for m in (4096, 1024):
+        for shp in SHAPES:
+            run_dense(record, shp, m, "bf16")
+            run_dense(record, shp, m, "pallas", 5, d, label="pallas Q5")
+    for m in (64, 128, 256):
+        for shp in ("in_proj", "lm_head"):
+            run_dense(record, shp, m, "bf16")
+            run_dense(record, shp, m, "pallas", 5, d, label="pallas Q5")
+            run_dense(record, shp, m, "pallas", 5, dataclasses.replace(d, dequant_min_m=4096), label="pallas Q5 dot")
+            run_dense(record, shp, m, "pallas", 5, dataclasses.replace(d, dequant_min_m=m),
+                      label="pallas Q5 dequant+cuBLAS")
+    run_dense(record, "in_proj", 4, "bf16")
+    run_dense(record, "in_proj", 4, "pallas", 5, d, label="pallas Q5")
+
+
 GEMV_VARIANTS = {  # label suffix: GemvConfig fields (the default first); suite_gemv times each on lm_head and in_proj
     "": {}, "rows1": dict(rows=1), "rows4": dict(rows=4, max_steps=8), "tiles3": dict(max_tiles=3),
     "L1-table lookup": dict(lookup="gather"),
@@ -488,7 +537,7 @@ def render(jsonl_path: str) -> str:
     lines = [f"# HLWQ matmul benchmark\n", f"- command: `{meta.get('command', '?')}`",
              f"- date: {meta.get('date', '?')}  machine: {meta.get('device', '?')}  jax {meta.get('jax', '?')}"
              f"  git {meta.get('git', '?')}", ""]
-    if meta.get("suite") in ("xla", "gemv"):
+    if meta.get("suite") in ("xla", "gemv", "batched"):
         return render_xla(rows, lines)
     base = bf16_baselines(rows)
     lines.append("| op | shape | M | variant | time µs | GB/s read | speedup vs bf16 | floor µs |")
@@ -509,7 +558,7 @@ def render(jsonl_path: str) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--suite", default="full", choices=("full", "gemv", "xla", "smoke", "checks"))
+    ap.add_argument("--suite", default="full", choices=("full", "gemv", "batched", "xla", "smoke", "checks"))
     ap.add_argument("--out", help="JSONL file to append to")
     ap.add_argument("--render", help="render a JSONL file as a markdown table and exit")
     ap.add_argument("--no-checks", action="store_true")
@@ -538,6 +587,9 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True).stdout.strip()
+        sha += "+uncommitted changes" if sha and dirty else ""
     except OSError:
         sha = ""
     printed = []
@@ -560,7 +612,7 @@ def main(argv=None):
     bad = [] if args.no_checks or args.suite in ("smoke", "xla") else suite_checks(record, quick=args.suite != "checks")
     if bad:
         print("CHECK FAILURES:", bad, flush=True)
-    {"full": suite_full, "gemv": suite_gemv, "xla": suite_xla, "smoke": suite_smoke,
+    {"full": suite_full, "gemv": suite_gemv, "batched": suite_batched, "xla": suite_xla, "smoke": suite_smoke,
      "checks": lambda r: None}[args.suite](record)
     print(f"\n== summary ({time.time() - t0:.0f} s) ==")
     print("\n".join(p for p in printed if "us" in p))

@@ -4,11 +4,15 @@ Command (H200, jax 0.11.2 + CUDA; ~3-5 min, mostly compiles):
     PYTHONPATH=. python3 experiments/bench_model.py --out $OUT/bench_model.json
     PYTHONPATH=. python3 experiments/bench_model.py --variants bf16,hlwq5,hlwq5-pallas \
         --fused-decode bf16,hlwq5,hlwq5-pallas --out $OUT/bench_model_kernels.json    # + the Pallas decode GEMV
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python3 experiments/bench_model.py \
+        --variants bf16,hlwq5-pallas-experts,hlwq5-pallas --decode-batches 1 --iters 3 \
+        --fused-decode bf16,hlwq5-pallas-experts,hlwq5-pallas --out $OUT/bench_model_experts.json
+    (repacking the experts holds bf16 + two Q5 copies for a moment: XLA's default 75 % pool is too small for it)
     PYTHONPATH=. python3 experiments/bench_model.py --tiny --out /tmp/bench_model.json      # CPU plumbing check
 Measures, for bf16 weights and for HLWQ Q5 (default Mamba-aware recipe, XLA path: hlwq_matmul / dequantize; variant
 "hlwq5-pallas": the same weights with the dense projections on impl="pallas-decode" — the Pallas decode GEMV for
 one-token steps, XLA otherwise — via ``nn.linear.select_kernels``; "hlwq5-pallas-experts": also the stacked MoE
-experts (the Pallas gather GEMV at decode; not yet timed on the H200); interpret mode off a GPU):
+experts (the Pallas gather GEMV at decode; results/bench_model_experts.json); interpret mode off a GPU):
   * prefill tokens/s at --prefill-len (4096) tokens, batch 1 (filling a KV / SSM cache);
   * decode tokens/s at batch 1, 8, 64 (greedy feedback on device, KV window --context + steps);
   Both run layer by layer (nemotron_h.forward_layerwise: a few small compiles instead of one 52-layer program per

@@ -7,9 +7,11 @@ shared-memory traffic and instructions per code show up here before any device t
 
 Needs Triton next to the project, not in its dependencies:
     python3.12 -m pip install --target /tmp/tri triton==3.6.0
-    .venv/bin/python scripts/kernel_sass.py --triton /tmp/tri --bits 5 --shape 131072 2688 [--stacked 128]
+    .venv/bin/python scripts/kernel_sass.py --triton /tmp/tri --bits 5 --shape 131072 2688 [--stacked 128] [--m 16]
 Prints: kernels found, registers, instruction histogram (whole kernel and each loop body), convert_layout ops in the
-TTGIR. ``--gemv rows=4,max_tiles=1`` picks a GemvConfig; ``--dump DIR`` keeps the ttgir / ptx / sass (where a load
+TTGIR. ``--m`` picks the path (M = 1 the GEMV; larger M the dot or dequant kernel, or the grouped one with
+``--stacked``); ``--gemv rows=4,max_tiles=1`` picks a GemvConfig, ``--pallas k=v,...`` the other config fields;
+``--dump DIR`` keeps the ttgir / ptx / sass (where a load
 sits in the schedule shows there).
 """
 from __future__ import annotations
@@ -46,22 +48,30 @@ def loop_histograms(sass_text: str) -> list[tuple[int, int, collections.Counter]
     return loops
 
 
-def lower_gemv_ttir(bits: int, out: int, n_in: int, stacked: int, gemv: dict | None = None) -> list[str]:
-    """Triton IR (generic MLIR text) of the decode GEMV for an [out, n_in] (or [stacked, out, n_in]) Q``bits``
-    weight with ``GemvConfig(**gemv)``, lowered for CUDA on this host."""
+def lower_ttir(bits: int, out: int, n_in: int, stacked: int, gemv: dict | None = None, m: int = 1,
+               pallas: dict | None = None) -> list[tuple[str, int, int]]:
+    """(Triton IR as generic MLIR text, num_warps, num_stages) of each Pallas kernel of ``hlwq_matmul`` for M = ``m``
+    tokens on an [out, n_in] Q``bits`` weight (``ragged_hlwq_matmul`` on [stacked, out, n_in], m token rows, when
+    ``stacked``), with ``GemvConfig(**gemv)`` and the other Pallas config fields ``pallas``; lowered for CUDA here."""
     import jax
     import jax.numpy as jnp
     from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
 
     reg.gpu_info_lib.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
-    texts, lower = [], reg.lowering.lower_jaxpr_to_triton_module
+    texts, lower, custom_call = [], reg.lowering.lower_jaxpr_to_triton_module, reg.mlir.custom_call
 
     def capture(*args, **kwargs):
         result = lower(*args, **kwargs)
         texts.append(result.module.operation.get_asm(print_generic_op_form=True))
         return result
 
+    def capture_params(*args, backend_config=None, **kwargs):  # the warps and stages the kernel is launched with
+        if isinstance(backend_config, dict) and "num_warps" in backend_config:
+            texts[-1] = (texts[-1], backend_config["num_warps"].value, backend_config["num_stages"].value)
+        return custom_call(*args, backend_config=backend_config, **kwargs)
+
     reg.lowering.lower_jaxpr_to_triton_module = capture
+    reg.mlir.custom_call = capture_params
     import hlwq_jax.ops.hlwq_matmul.pallas_triton as pt
     import hlwq_jax.ops.ragged_hlwq_matmul.pallas_triton as rpt
     from hlwq_jax.ops.hlwq_matmul import hlwq_matmul
@@ -79,13 +89,16 @@ def lower_gemv_ttir(bits: int, out: int, n_in: int, stacked: int, gemv: dict | N
     from hlwq_jax.ops.hlwq_matmul.gemv_triton import GemvConfig
     from hlwq_jax.ops.ragged_hlwq_matmul.pallas_triton import RaggedPallasConfig
     cfg = GemvConfig(**(gemv or {}))
-    if stacked:
-        rcfg = RaggedPallasConfig(gemv=cfg)
-        fn = jax.jit(lambda x, w, g: ragged_hlwq_matmul(x, w, g, impl="pallas", config=rcfg))
-        fn.trace(s((6, n_in), jnp.bfloat16), p, s((stacked,), jnp.int32)).lower(lowering_platforms=("cuda",))
-    else:
-        fn = jax.jit(lambda x, w: hlwq_matmul(x, w, impl="pallas", config=PallasConfig(gemv=cfg)))
-        fn.trace(s((1, n_in), jnp.bfloat16), p).lower(lowering_platforms=("cuda",))
+    try:
+        if stacked:
+            rcfg = RaggedPallasConfig(gemv=cfg, **(pallas or {}))
+            fn = jax.jit(lambda x, w, g: ragged_hlwq_matmul(x, w, g, impl="pallas", config=rcfg))
+            fn.trace(s((m, n_in), jnp.bfloat16), p, s((stacked,), jnp.int32)).lower(lowering_platforms=("cuda",))
+        else:
+            fn = jax.jit(lambda x, w: hlwq_matmul(x, w, impl="pallas", config=PallasConfig(gemv=cfg, **(pallas or {}))))
+            fn.trace(s((m, n_in), jnp.bfloat16), p).lower(lowering_platforms=("cuda",))
+    finally:
+        reg.mlir.custom_call = custom_call
     return texts
 
 
@@ -109,25 +122,34 @@ def compile_sass(ttir: str, triton_dir: str, work: pathlib.Path, num_warps: int 
                 histogram=sass_histogram(sass), loops=loop_histograms(sass), converts=(work / "kernel.ttgir").read_text().count("convert_layout"))
 
 
+def _fields(text: str) -> dict:
+    """"a=1,lookup=gather" → {"a": 1, "lookup": "gather"} (ints where they parse)."""
+    pairs = (kv.split("=") for kv in text.split(",") if kv)
+    return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in pairs}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--triton", required=True, help="directory holding a `triton` package (3.6.0 for the H200)")
     ap.add_argument("--bits", type=int, default=5)
     ap.add_argument("--shape", type=int, nargs=2, default=(131072, 2688), metavar=("OUT", "IN"))
-    ap.add_argument("--stacked", type=int, default=0, help="experts E: the ragged decode kernel instead")
+    ap.add_argument("--stacked", type=int, default=0, help="experts E: the ragged kernels instead")
+    ap.add_argument("--m", type=int, default=1, help="tokens (token rows of the ragged kernels): picks the path")
     ap.add_argument("--gemv", default="", help="GemvConfig fields, e.g. rows=4,max_tiles=1")
-    ap.add_argument("--stages", type=int, default=1, help="Triton num_stages to compile with")
+    ap.add_argument("--pallas", default="", help="PallasConfig (RaggedPallasConfig with --stacked) fields, "
+                                                   "e.g. block_n_deq=32,lookup=gather")
+    ap.add_argument("--stages", type=int, default=0, help="Triton num_stages to compile with (0: the kernel's own)")
     ap.add_argument("--dump", default="", help="keep each kernel's ttgir / ptx / sass under DUMP/<i>/")
     args = ap.parse_args(argv)
-    gemv = {k: (v if k == "lookup" else int(v)) for k, v in (kv.split("=") for kv in args.gemv.split(",") if kv)}
-    texts = lower_gemv_ttir(args.bits, *args.shape, args.stacked, gemv)
+    texts = lower_ttir(args.bits, *args.shape, args.stacked, _fields(args.gemv), args.m, _fields(args.pallas))
     print(f"kernels: {len(texts)}")
-    for i, ttir in enumerate(texts):
+    for i, (ttir, warps, stages) in enumerate(texts):
         with tempfile.TemporaryDirectory() as d:
             work = pathlib.Path(args.dump) / str(i) if args.dump else pathlib.Path(d)
             work.mkdir(parents=True, exist_ok=True)
-            r = compile_sass(ttir, args.triton, work, num_stages=args.stages)
-        print(f"[{i}] {r['ptxas']}; {sum(r['histogram'].values())} instructions; convert_layout ops: {r['converts']}")
+            r = compile_sass(ttir, args.triton, work, num_warps=warps, num_stages=args.stages or stages)
+        print(f"[{i}] {warps} warps; {r['ptxas']}; {sum(r['histogram'].values())} instructions; "
+              f"convert_layout ops: {r['converts']}")
         print("    " + " ".join(f"{op}:{n}" for op, n in r["histogram"].most_common(16)))
         for start, end, hist in r["loops"]:
             print(f"    loop {start:#x}–{end:#x}: {sum(hist.values())} instructions; "

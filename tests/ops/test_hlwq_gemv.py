@@ -13,7 +13,7 @@ from hlwq_oracle import exact_weight
 from hlwq_jax.ops.hlwq_matmul import repack
 from hlwq_jax.ops.hlwq_matmul.gemv_triton import (TILE_WORDS, GemvConfig, plan_grid, tile_geometry, tile_order,
                                                   to_tile_order)
-from hlwq_jax.ops.hlwq_matmul.lane_lut import lane_ids, lane_shuffle
+from hlwq_jax.ops.hlwq_matmul.lane_lut import lane_ids, lane_shuffle, lane_table
 from hlwq_jax.ops.hlwq_matmul.layout import PLANE_WIDTHS
 
 
@@ -88,8 +88,7 @@ def test_plan_grid_splits_rows_and_steps():
 
 
 def _lookup_kernel(t_ref, i_ref, o_ref):
-    own = t_ref[lane_ids(i_ref.shape) & (t_ref.shape[0] - 1)]
-    o_ref[...] = lane_shuffle(own, i_ref[...])
+    o_ref[...] = lane_shuffle(lane_table(t_ref, i_ref.shape), i_ref[...])
 
 
 def _lookup_case(seed, shape, n_table):
@@ -111,10 +110,25 @@ def test_lane_shuffle_cpu_model_and_interpret_mode():
         out = pl.pallas_call(_lookup_kernel, out_shape=jax.ShapeDtypeStruct(idx.shape, jnp.float32),
                              interpret=True)(table, idx)
         np.testing.assert_array_equal(np.asarray(out), want)
-    with pytest.raises(ValueError, match="last axis is the warp"):
+    with pytest.raises(ValueError, match="multiple of 32"):
         lane_ids((4, 16))
     with pytest.raises(ValueError, match="share one shape"):
         lane_shuffle(own, idx[:, :16])
+    with pytest.raises(ValueError, match="power-of-two size"):
+        lane_table(jnp.zeros(64), (4, 32))
+
+
+def test_lane_model_of_a_wide_tile_is_runs_of_32():
+    """A last axis of 128 models four warps' worth of lanes: lane = column mod 32, and a shuffle reads within the
+    element's run of 32 (so with lane_table it is still table[idx mod T])."""
+    table, idx, want = _lookup_case(3, (2, 128), 16)
+    np.testing.assert_array_equal(np.asarray(lane_ids((2, 128)))[1], np.arange(128) % 32)
+    own = jnp.arange(256, dtype=jnp.float32).reshape(2, 128)
+    got = np.asarray(lane_shuffle(own, jnp.full((2, 128), 37, jnp.int32)))
+    np.testing.assert_array_equal(got[1], 128 + 32 * (np.arange(128) // 32) + 5)
+    out = pl.pallas_call(_lookup_kernel, out_shape=jax.ShapeDtypeStruct(idx.shape, jnp.float32),
+                         interpret=True)(table, idx)
+    np.testing.assert_array_equal(np.asarray(out), want)
 
 
 def test_lane_primitives_lower_to_laneid_and_shuffle(monkeypatch):
@@ -138,7 +152,8 @@ def test_lane_primitives_lower_to_laneid_and_shuffle(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape,n_table", [((4, 32), 32), ((4, 32), 16), ((8, 32), 8), ((1, 32), 32), ((2, 4, 32), 32)])
+@pytest.mark.parametrize("shape,n_table", [((4, 32), 32), ((4, 32), 16), ((8, 32), 8), ((1, 32), 32), ((2, 4, 32), 32),
+                                           ((64, 128), 32), ((16, 128), 16)])
 def test_lane_shuffle_on_gpu_matches_table_lookup(shape, n_table):
     """Whatever layout Triton gives the tile, the shuffle returns table[idx mod T] (indices with high garbage)."""
     if jax.default_backend() != "gpu":

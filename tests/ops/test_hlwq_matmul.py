@@ -105,6 +105,9 @@ class TestPallasInterpret(HLWQMatmulSuite):
         (2, PallasConfig(gemv_max_m=2, gemv=GemvConfig(rows=1, max_steps=8, min_programs=1, max_tiles=3,
                                                        lookup="gather")), "gemv"),
         (20, PallasConfig(min_programs=1, block_m_dot=16, unroll=1), "dot"),
+        (20, PallasConfig(block_m_dot=16, lookup="gather"), "dot"),  # the table load instead of the shuffle
+        (40, PallasConfig(dequant_min_m=32, block_n_deq=32, chunks_deq=2), "dequant"),  # a 2-chunk loop per program
+        (40, PallasConfig(dequant_min_m=32, lookup="gather"), "dequant"),
     ])
     def test_paths(self, m, config, path):
         assert plan(m, config) == path
@@ -112,6 +115,14 @@ class TestPallasInterpret(HLWQMatmulSuite):
         w = exact_weight(rng, 5, (OUT, IN))
         x = jnp.asarray(rng.standard_normal((m, IN)), jnp.float32)
         self.check(self.run(x, repack(w), config=config), x, w)
+
+    @pytest.mark.parametrize("rotation,block_size", [("hadamard", 128), ("random-hadamard", 256), ("none", 128)])
+    def test_bf16_dequant_path(self, rotation, block_size):
+        """bf16 x on the dequantize + dot path (bf16 weight [out, padded_in], bf16 output), every rotation."""
+        rng = np.random.default_rng(block_size)
+        w = exact_weight(rng, 5, (OUT, 2 * IN), block_size=block_size, rotation=rotation, seed=6)
+        x = jnp.asarray(rng.standard_normal((20, 2 * IN)), jnp.bfloat16)
+        self.check(self.run(x, repack(w), config=PallasConfig(dequant_min_m=2)), x, w)
 
     def test_select_lookup_on_the_dot_path(self):
         rng = np.random.default_rng(2)
@@ -139,6 +150,10 @@ class TestPallasInterpret(HLWQMatmulSuite):
         w = repack(exact_weight(np.random.default_rng(0), 6, (OUT, IN)))
         with pytest.raises(ValueError, match="≤ 32 entries"):
             self.run(jnp.ones((1, IN)), w, config=PallasConfig(gemv=GemvConfig(lookup="shuffle")))
+        with pytest.raises(ValueError, match="≤ 32 entries"):
+            self.run(jnp.ones((40, IN)), w, config=PallasConfig(lookup="shuffle"))
+        with pytest.raises(ValueError, match="PallasConfig.lookup must be one of"):
+            PallasConfig(lookup="lanes")
 
     @pytest.mark.parametrize("m", [1, 3])
     def test_pallas_decode_impl(self, m):
@@ -174,6 +189,18 @@ class TestPallasGpu(HLWQMatmulSuite):
     def _need_gpu(self):
         if jax.default_backend() != "gpu":
             pytest.skip("needs a GPU")
+
+    @pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])
+    @pytest.mark.parametrize("path", ["dot", "dequant"])
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    def test_bits_batched(self, bits, path, dtype):
+        """The tensor-core paths at every bit width (warp-shuffle lookup ≤ 5 bits, table load above)."""
+        config = PallasConfig(dequant_min_m=2 if path == "dequant" else 1024)
+        assert plan(24, config) == path
+        rng = np.random.default_rng(10 + bits)
+        w = exact_weight(rng, bits, (OUT, IN), rotation="random-hadamard", seed=bits)
+        x = jnp.asarray(rng.standard_normal((24, IN)), dtype)
+        self.check(self.run(x, w, config=config), x, w)
 
 
 def test_unknown_impl():

@@ -48,6 +48,18 @@ class RaggedSuite:
         tail = int(sum(group_sizes))
         assert not np.any(np.asarray(y)[tail:]), "rows past the groups must be zero"
 
+    @pytest.mark.parametrize("rotation", ["random-hadamard", "none"])
+    def test_bf16_prefill(self, rotation):
+        """bf16 rows through the grouped path, against the float64 oracle of the same bf16 input: bf16 rounding
+        only."""
+        rng = np.random.default_rng(3)
+        w = exact_weight(rng, 5, (E, OUT, IN), rotation=rotation, seed=9)
+        gs = [7, 0, 30, 5, 0]
+        x = jnp.asarray(rng.standard_normal((45, IN)), jnp.bfloat16)
+        y = self.run(x, w, gs, RaggedPallasConfig(block_m=16) if self.impl == "pallas" else None)
+        assert y.dtype == jnp.bfloat16
+        assert rel_err(y, oracle(np.asarray(x.astype(jnp.float32)), w, gs)) < 1e-2
+
     @pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])
     def test_decode_bits(self, bits):  # one token each for 3 of 5 experts, two unrouted rows
         self.check(bits, [0, 1, 0, 1, 1], 5, seed=bits)
@@ -84,6 +96,7 @@ class TestPallasInterpret(RaggedSuite):
         (8, RaggedPallasConfig(gemv=GemvConfig(rows=1, max_tiles=3, min_programs=1, lookup="gather")), "decode"),
         (8, RaggedPallasConfig(decode_max_rows=4, block_m=16, block_n=64), "grouped"),
         (60, RaggedPallasConfig(block_m=16, block_n=128), "grouped"),
+        (60, RaggedPallasConfig(block_m=16, block_n=64, lookup="gather"), "grouped"),
     ])
     def test_paths(self, t, config, path):
         assert plan(t, config) == path
@@ -92,6 +105,8 @@ class TestPallasInterpret(RaggedSuite):
     def test_config_errors(self):
         with pytest.raises(ValueError, match="RaggedPallasConfig.gemv must be a GemvConfig"):
             RaggedPallasConfig(gemv=6)
+        with pytest.raises(ValueError, match="RaggedPallasConfig.lookup must be one of"):
+            RaggedPallasConfig(lookup="lanes")
 
     def test_planes_input_reads_only_routed_experts(self):
         """Poisoned (NaN-norm) experts that receive no tokens must not reach the output."""

@@ -33,8 +33,8 @@ def test_loop_histograms_take_the_backward_branch_range():
 
 def test_gemv_lowers_to_one_triton_module_with_a_lane_shuffle():
     code = ("import sys; sys.path.insert(0, 'scripts'); import kernel_sass; "
-            "t = kernel_sass.lower_gemv_ttir(5, 300, 1000, 0, dict(rows=1, min_programs=1)); "
-            "print(len(t), 'shfl.sync.idx.b32' in t[0] and 'scf.for' in t[0])")
+            "t = kernel_sass.lower_ttir(5, 300, 1000, 0, dict(rows=1, min_programs=1)); "
+            "print(len(t), t[0][1], 'shfl.sync.idx.b32' in t[0][0] and 'scf.for' in t[0][0])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["1", "True"]

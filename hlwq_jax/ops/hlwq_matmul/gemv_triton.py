@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from hlwq_jax.ops.hlwq_matmul.lane_lut import lane_ids, lane_shuffle
+from hlwq_jax.ops.hlwq_matmul.lane_lut import lane_shuffle, lane_table
 from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, bitrev, extension_bits, field, fields_per_word
 
 VEC, LANES = 4, 32
@@ -97,13 +97,14 @@ class GemvConfig:
             raise ValueError(f"GemvConfig.lookup must be one of {LOOKUPS}, got {self.lookup!r}")
 
 
-def resolve_lookup(lookup: str, bits: int) -> str:
-    if lookup not in LOOKUPS:
-        raise ValueError(f"GemvConfig.lookup must be one of {LOOKUPS}, got {lookup!r}")
+def resolve_lookup(lookup: str, bits: int, allowed: tuple[str, ...] = LOOKUPS) -> str:
+    """The lookup a kernel runs: "auto" is the shuffle for ≤ 5 bits (a ≤ 32-entry table), else the table load."""
+    if lookup not in allowed:
+        raise ValueError(f"lookup must be one of {allowed}, got {lookup!r}")
     if lookup == "auto":
         return "shuffle" if bits <= 5 else "gather"
     if lookup == "shuffle" and bits > 5:
-        raise ValueError(f"GemvConfig.lookup='shuffle' holds the table one entry per lane: ≤ 32 entries, got 2^{bits}")
+        raise ValueError(f"lookup='shuffle' holds the table one entry per lane: ≤ 32 entries, got 2^{bits}")
     return lookup
 
 
@@ -141,7 +142,7 @@ def _gemv_kernel(*refs, bits, rows, steps, group, cpb, n_chunks, m_rows, lookup,
     xs = [[[x_ref[token + m, (t * f_ + f) * TILE_WORDS + slot] for f in range(f_)] for t in tiles]
           for m in range(m_rows)]  # this program's activations, in registers for all its rows
     if lookup == "shuffle":  # lane l holds table[l mod 2^b]: a code's garbage above bit b selects the same entry
-        own = table_ref[lane_ids(shape) & (table_ref.shape[0] - 1)]
+        own = lane_table(table_ref, shape)
     ragged = n_chunks % cpt != 0
     per_ext = 32 // x_ if x_ else 0  # base words per extra word
     row0 = pl.program_id(1) * (rows * steps)

@@ -3,8 +3,8 @@
 Pallas-Triton on jax 0.11.2 lowers no gather of a *value*, only pointer loads from a ref (one L1 load and 64-bit
 address arithmetic per code). For a table of T ≤ 32 entries (a power of two) a lookup can be one warp shuffle:
 
-    own = table_ref[lane_ids(shape) & (T - 1)]      # once per kernel: each lane holds the entry of its lane number
-    val = lane_shuffle(own, idx)                    # table[idx mod T], one shfl.sync.idx per element
+    own = lane_table(table_ref, shape)      # once per kernel: each lane holds the entry of its lane number
+    val = lane_shuffle(own, idx)            # table[idx mod T], one shfl.sync.idx per element
 
 Semantics, on every backend: ``lane_shuffle(own, idx)[e] = own[e'][...]`` read from an element held by lane
 ``idx[e] mod 32`` — so with ``own`` built as above the result is table[idx mod T], whatever layout Triton gives the
@@ -14,9 +14,15 @@ tensors. The modulo is free: a shuffle reads only the low 5 bits of its source-l
 * Triton (GPU): ``lane_ids`` is ``mov.u32 %laneid`` and ``lane_shuffle`` is ``shfl.sync.idx.b32 d, own, idx, 31,
   -1``, both as Triton elementwise inline assembly. Every lane executes each shuffle (the kernels have no divergent
   control flow around it), which the full member mask requires.
-* Elsewhere (CPU, interpret mode): the model of a warp is the last axis (size 32): ``lane_ids`` is its iota and
-  ``lane_shuffle`` is ``take_along_axis(own, idx & 31, axis=-1)``.
-The `gpu` tier checks the two against each other (tests/ops/test_hlwq_gemv.py).
+* Elsewhere (CPU, interpret mode): the model of a warp is each run of 32 consecutive elements of the last axis (a
+  multiple of 32): ``lane_ids`` is the last-axis index mod 32 and ``lane_shuffle`` reads, within the element's run,
+  the element at position ``idx & 31``.
+``lane_table`` builds ``own`` as a select chain over the lane id rather than as a load ``table_ref[lane & (T-1)]``:
+Triton's coalescing pass gives such a gathering load a layout of its own, and the layout conversion after it moves
+entries to other lanes (seen in the TTGIR of a [64, 128] tile), which breaks the "lane l holds table[l]" invariant.
+Elementwise ops from a constant are rematerialised in their consumer's layout instead; the chain is loop-invariant
+and ptxas keeps one copy per thread (≈ 2 instructions per entry, once per program: ``scripts/kernel_sass.py``).
+The `gpu` tier checks the primitives against a plain lookup (tests/ops/test_hlwq_gemv.py).
 Uses JAX's private Pallas-Triton lowering registry (``jax._src.pallas.triton.lowering``), pinned by jax==0.11.2.
 """
 from __future__ import annotations
@@ -34,27 +40,44 @@ lane_shuffle_p = jax_core.Primitive("hlwq_lane_shuffle")
 
 
 def lane_ids(shape: tuple[int, ...]) -> jax.Array:
-    """int32 [shape] (last axis 32): the lane that holds each element (CPU model: the last-axis index)."""
-    if not shape or shape[-1] != WARP:
-        raise ValueError(f"lane_ids: the last axis is the warp and must have {WARP} elements, got shape {shape}")
+    """int32 [shape] (last axis a multiple of 32): the lane that holds each element (CPU model: last-axis index mod
+    32)."""
+    if not shape or shape[-1] % WARP:
+        raise ValueError(f"lane_ids: the last axis models warps and must be a multiple of {WARP}, got shape {shape}")
     return lane_ids_p.bind(shape=tuple(shape))
 
 
 def lane_shuffle(own: jax.Array, idx: jax.Array) -> jax.Array:
-    """own float32 [..., 32], int32 idx of the same shape → own's value held by lane idx mod 32, per element."""
-    if own.shape != idx.shape or own.shape[-1] != WARP:
-        raise ValueError(f"lane_shuffle: own {own.shape} and idx {idx.shape} must share one shape ending in {WARP}")
+    """own float32 [..., 32·k], int32 idx of the same shape → own's value held by lane idx mod 32, per element."""
+    if own.shape != idx.shape or not own.shape or own.shape[-1] % WARP:
+        raise ValueError(f"lane_shuffle: own {own.shape} and idx {idx.shape} must share one shape whose last axis "
+                         f"is a multiple of {WARP}")
     if own.dtype != jnp.float32:
         raise ValueError(f"lane_shuffle moves 32-bit floats, got {own.dtype}")
     return lane_shuffle_p.bind(own, idx.astype(jnp.int32))
 
 
+def lane_table(table_ref, shape: tuple[int, ...]) -> jax.Array:
+    """float32 [shape]: each element is table[lane mod T] for the lane holding it (T = table_ref.shape[0], a power of
+    two ≤ 32): the ``own`` operand of ``lane_shuffle``. Read inside a kernel (``table_ref`` a ref or an array)."""
+    n = table_ref.shape[0]
+    if n > WARP or n & (n - 1):
+        raise ValueError(f"lane_table: the table must have a power-of-two size ≤ {WARP}, got {n}")
+    lane = lane_ids(shape) & (n - 1)
+    own = jnp.zeros(shape, jnp.float32) + table_ref[0]
+    for i in range(1, n):
+        own = jnp.where(lane == i, table_ref[i], own)
+    return own
+
+
 def _ids(*, shape):
-    return jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+    return jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1) & (WARP - 1)
 
 
 def _shuffle(own, idx):
-    return jnp.take_along_axis(own, idx & (WARP - 1), axis=-1)
+    runs = (*own.shape[:-1], own.shape[-1] // WARP, WARP)
+    out = jnp.take_along_axis(own.reshape(runs), idx.reshape(runs) & (WARP - 1), axis=-1)
+    return out.reshape(own.shape)
 
 
 lane_ids_p.def_impl(_ids)

@@ -186,8 +186,8 @@ def planes_to_codes(planes, bits: int) -> jax.Array:
         g = 32 // x_
         words = jnp.repeat(planes[1].astype(jnp.uint32), g, axis=-1)
         ext = words >> jnp.asarray(np.tile(x_ * np.arange(g), base.shape[-1] // g), jnp.uint32)
-    code = jnp.stack([field(base, ext, f, bits) & ((1 << bits) - 1) for f in range(f_)], axis=-1)
-    code = code[..., bitrev(f_.bit_length() - 1)]  # field order → column order (bitrev is an involution)
+    # column F·w + j holds field bitrev(j) (bitrev is an involution): stacked in column order, no gather
+    code = jnp.stack([field(base, ext, int(f), bits) & ((1 << bits) - 1) for f in bitrev(f_.bit_length() - 1)], axis=-1)
     return code.reshape(*base.shape[:-1], -1).astype(jnp.uint8)
 
 
