@@ -53,7 +53,7 @@ class PallasConfig:
     block_m_dot: int = 64  # token rows per program (power of two ≥ 16)
     block_n_dot: int = 64  # output rows per program: the weight tile is the wgmma A operand (64 rows per warpgroup)
     warps_dot: int = 4
-    stages_dot: int = 3  # Triton software pipelining (cp.async activations)
+    stages_dot: int = 3  # Triton software pipelining (code words and activations by cp.async)
     block_n_deq: int = 32  # (32 rows: 2.4 TB/s on lm_head, 64 rows: 2.3; results/bench_hlwq_matmul_batched.md)
     warps_deq: int = 4
     chunks_deq: int = 8  # dequant: chunks per program at most (a divisor of n_chunks), amortising the table setup
@@ -151,6 +151,19 @@ def lookup(source, code, mode: str):
     return vals
 
 
+def chunk_values(source, plane_refs, bits, lead, r0, bn, c, mode: str):
+    """float32 [bn, 128]: the table values c[code]/√B of chunk c, rows [r0, r0 + bn) (no norm)."""
+    return lookup(source, unpack_chunk(plane_refs, bits, lead, r0, bn, c, masked=mode != "shuffle"), mode)
+
+
+def chunk_dot(vals, xs, norm, precision):
+    """float32 [bn, bm] = norm[:, None] · (vals [bn, 128] @ xs [bm, 128]ᵀ): the weight tile is the tensor-core A
+    operand (with the weights as B, Triton stored the tile to shared memory one code at a time)."""
+    part = lax.dot_general(vals.astype(xs.dtype), xs, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                           precision=precision)
+    return part * norm.astype(jnp.float32)[:, None]
+
+
 def chunk_loop(first, n, unroll, body, init):
     """Run body(c, carry) for c in [first, first + n), ``unroll`` chunks per fori_loop iteration (static)."""
     def step(i, carry):
@@ -171,11 +184,9 @@ def _dot_kernel(x_ref, norms_ref, table_ref, *refs, bits, bm, bn, group, unroll,
     source = lookup_source(table_ref, (bn, CHUNK), mode)
 
     def body(c, acc):
-        vals = lookup(source, unpack_chunk(plane_refs, bits, (), r0, bn, c, mode != "shuffle"), mode)
+        vals = chunk_values(source, plane_refs, bits, (), r0, bn, c, mode)
         xs = x_ref[toks, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)]  # [bm, 128]
-        part = lax.dot_general(vals.astype(x_ref.dtype), xs, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32, precision=precision)  # [bn, bm]
-        return acc + part * norms_ref[c // cpb, rows].astype(jnp.float32)[:, None]
+        return acc + chunk_dot(vals, xs, norms_ref[c // cpb, rows], precision)
 
     acc = chunk_loop(g * group, group, unroll, body, jnp.zeros((bn, bm), jnp.float32))
     o_ref[g, toks, rows] = acc.T.astype(o_ref.dtype)
@@ -189,7 +200,7 @@ def _dequant_kernel(norms_ref, table_ref, *refs, bits, bn, group, cpb, mode):
     source = lookup_source(table_ref, (bn, CHUNK), mode)
 
     def body(c, carry):
-        vals = lookup(source, unpack_chunk(plane_refs, bits, (), r0, bn, c, mode != "shuffle"), mode)
+        vals = chunk_values(source, plane_refs, bits, (), r0, bn, c, mode)
         vals = vals * norms_ref[c // cpb, pl.ds(r0, bn)].astype(jnp.float32)[:, None]
         o_ref[pl.ds(r0, bn), pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)] = vals.astype(o_ref.dtype)
         return carry
