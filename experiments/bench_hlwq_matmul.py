@@ -371,9 +371,8 @@ def suite_full(record):
         if m == 4096:
             run_dense(record, "in_proj", m, "xla_deq", 5)
     run_moe(record, "prefill", "bf16_dense", label="bf16 dense, same FLOPs")
-    run_moe(record, "prefill", "pallas", config=RaggedPallasConfig(), label="pallas Q5 bm64")
-    run_moe(record, "prefill", "pallas", config=RaggedPallasConfig(block_m=128, block_n=128, warps=8),
-            label="pallas Q5 bm128 bn128 w8")
+    run_moe(record, "prefill", "pallas", config=RaggedPallasConfig(), label="pallas Q5")
+    run_moe(record, "prefill", "pallas", config=RaggedPallasConfig(block_m=64, warps=4), label="pallas Q5 bm64 w4")
     for shp in ("out_proj", "q_proj", "expert_up", "expert_down"):
         for m in (1, 16):
             run_dense(record, shp, m, "bf16")
@@ -391,8 +390,8 @@ def suite_batched(record):
     bf16 timed beside each (shape, M). Labelled rows are config variants of the defaults."""
     d = PallasConfig()
     run_moe(record, "prefill", "bf16_dense", label="bf16 dense, same FLOPs (first)")
-    for name, fields in (("", {}), (" st1", dict(stages=1)), (" bn64", dict(block_n=64)),
-                         (" bm128 w8", dict(block_m=128, warps=8))):
+    for name, fields in (("", {}), (" bm64 w4", dict(block_m=64, warps=4)), (" st2", dict(stages=2)),
+                         (" bn64", dict(block_n=64))):
         run_moe(record, "prefill", "pallas", config=RaggedPallasConfig(**fields), label=f"pallas Q5{name}")
     run_moe(record, "prefill", "bf16_dense", label="bf16 dense, same FLOPs")
     for shp in SHAPES:

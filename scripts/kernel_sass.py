@@ -106,8 +106,17 @@ def compile_sass(ttir: str, triton_dir: str, work: pathlib.Path, num_warps: int 
     """Compile one TTIR module with the Triton found in ``triton_dir`` for sm_90a; returns its texts and counts."""
     src = work / "kernel.ttir"
     src.write_text(ttir)
+    # triton.compile starts an IR file at the stage after it, so the TTIR passes XLA runs on a Pallas module
+    # (xla/backends/gpu/codegen/triton/compilation_pipeline_cuda.cc: MakeTTIR, e.g. the combine pass that folds
+    # acc + dot(a, b) into dot(a, b, acc)) are run here first
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import triton; from triton.backends.compiler import GPUTarget;"
-            "k = triton.compile(sys.argv[2], target=GPUTarget('cuda', 90, 32), options=dict(num_warps=int(sys.argv[4]),"
+            "from triton._C.libtriton import ir, passes; from triton.compiler.compiler import make_backend;"
+            "t = GPUTarget('cuda', 90, 32); ctx = ir.context(); ir.load_dialects(ctx); make_backend(t).load_dialects(ctx);"
+            "mod = ir.parse_mlir_module(sys.argv[2], ctx); pm = ir.pass_manager(ctx); c, tt = passes.common, passes.ttir;"
+            "[f(pm) for f in (c.add_inliner, tt.add_rewrite_tensor_pointer, c.add_canonicalizer, tt.add_combine,"
+            " tt.add_reorder_broadcast, c.add_cse, c.add_symbol_dce, tt.add_loop_unroll)]; pm.run(mod, 'make_ttir');"
+            "open(sys.argv[2], 'w').write(str(mod));"
+            "k = triton.compile(sys.argv[2], target=t, options=dict(num_warps=int(sys.argv[4]),"
             " num_stages=int(sys.argv[5]))); d = sys.argv[3]; open(d + '/kernel.ttgir', 'w').write(k.asm['ttgir']);"
             "open(d + '/kernel.ptx', 'w').write(k.asm['ptx']); open(d + '/kernel.cubin', 'wb').write(k.asm['cubin'])")
     subprocess.run([sys.executable, "-c", code, triton_dir, str(src), str(work), str(num_warps), str(num_stages)],

@@ -17,11 +17,14 @@ tensors. The modulo is free: a shuffle reads only the low 5 bits of its source-l
 * Elsewhere (CPU, interpret mode): the model of a warp is each run of 32 consecutive elements of the last axis (a
   multiple of 32): ``lane_ids`` is the last-axis index mod 32 and ``lane_shuffle`` reads, within the element's run,
   the element at position ``idx & 31``.
-``lane_table`` builds ``own`` as a select chain over the lane id rather than as a load ``table_ref[lane & (T-1)]``:
-Triton's coalescing pass gives such a gathering load a layout of its own, and the layout conversion after it moves
-entries to other lanes (seen in the TTGIR of a [64, 128] tile), which breaks the "lane l holds table[l]" invariant.
-Elementwise ops from a constant are rematerialised in their consumer's layout instead; the chain is loop-invariant
-and ptxas keeps one copy per thread (≈ 2 instructions per entry, once per program: ``scripts/kernel_sass.py``).
+``lane_table`` builds ``own`` from the lane id rather than as a load ``table_ref[lane & (T-1)]``: Triton's
+coalescing pass gives such a gathering load a layout of its own, and the layout conversion after it moves entries to
+other lanes (seen in the TTGIR of a [64, 128] tile), which breaks the "lane l holds table[l]" invariant.
+Elementwise ops from a constant are rematerialised in their consumer's layout instead. It is a sum of
+(lane == i) · table[i], not a select chain: from ``where(lane == i, table[i], own)`` ptxas made 31 loads predicated
+on the lane into one register, each waiting for the one before (ncu on the H200: the decode GEMV's set-up cost
+≈ 10 µs on in_proj; scripts/ncu_profile.py, results/ncu_h200/). The product needs every entry in every lane, so the
+32 loads are unconditional and in flight together (≈ 3 instructions per entry, once per program).
 The `gpu` tier checks the primitives against a plain lookup (tests/ops/test_hlwq_gemv.py).
 Uses JAX's private Pallas-Triton lowering registry (``jax._src.pallas.triton.lowering``), pinned by jax==0.11.2.
 """
@@ -64,9 +67,9 @@ def lane_table(table_ref, shape: tuple[int, ...]) -> jax.Array:
     if n > WARP or n & (n - 1):
         raise ValueError(f"lane_table: the table must have a power-of-two size ≤ {WARP}, got {n}")
     lane = lane_ids(shape) & (n - 1)
-    own = jnp.zeros(shape, jnp.float32) + table_ref[0]
-    for i in range(1, n):
-        own = jnp.where(lane == i, table_ref[i], own)
+    own = jnp.zeros(shape, jnp.float32)
+    for i in range(n):  # a product, not a select: every lane needs every entry, so no load is predicated
+        own = own + jnp.where(lane == i, 1.0, 0.0).astype(jnp.float32) * table_ref[i]
     return own
 
 

@@ -41,9 +41,12 @@ class RaggedPallasConfig:
     # longer-lived programs than the dense default): 6 experts × 1856 rows took 26 µs so, 53 µs with max_tiles=1
     # (H200, results/bench_hlwq_matmul_gemv.md)
     gemv: GemvConfig = GemvConfig(max_tiles=3)
-    block_m: int = 64
+    # 128-token tiles dequantise each weight tile half as often as 64; with 8 warps (two warpgroups of 64 weight
+    # rows) they run at 200 registers, one block per SM: 1.61 ms prefill against 1.80 for bm 64, 4 warps in one call
+    # (H200, results/tenth_explore/)
+    block_m: int = 128
     block_n: int = 128
-    warps: int = 4
+    warps: int = 8
     stages: int = 3  # Triton pipelining (cp.async of code words and activations): 1.79 ms prefill, 2.46 at 1
     unroll: int = 1  # (ptxas: unroll 3 with bn 128 spills; 1 does not)
     lookup: str = "auto"  # grouped kernel: as PallasConfig.lookup (the decode GEMV has its own, in ``gemv``)
