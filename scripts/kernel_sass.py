@@ -102,24 +102,43 @@ def lower_ttir(bits: int, out: int, n_in: int, stacked: int, gemv: dict | None =
     return texts
 
 
+# Run in a subprocess with the Triton of ``--triton`` first on sys.path: argv = triton_dir, ttir, out_dir, warps,
+# stages. ``triton.compile`` starts an IR file at the stage after it, so the TTIR passes XLA runs on a Pallas module
+# (xla/backends/gpu/codegen/triton/compilation_pipeline_cuda.cc, MakeTTIR; e.g. the combine pass that folds
+# acc + dot(a, b) into dot(a, b, acc)) are run here first.
+_COMPILE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import triton
+from triton._C.libtriton import ir, passes
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
+
+target = GPUTarget("cuda", 90, 32)
+ctx = ir.context()
+ir.load_dialects(ctx)
+make_backend(target).load_dialects(ctx)
+mod = ir.parse_mlir_module(sys.argv[2], ctx)
+pm = ir.pass_manager(ctx)
+c, t = passes.common, passes.ttir
+for add in (c.add_inliner, t.add_rewrite_tensor_pointer, c.add_canonicalizer, t.add_combine, t.add_reorder_broadcast,
+            c.add_cse, c.add_symbol_dce, t.add_loop_unroll):
+    add(pm)
+pm.run(mod, "make_ttir")
+open(sys.argv[2], "w").write(str(mod))
+k = triton.compile(sys.argv[2], target=target, options=dict(num_warps=int(sys.argv[4]), num_stages=int(sys.argv[5])))
+d = sys.argv[3]
+open(d + "/kernel.ttgir", "w").write(k.asm["ttgir"])
+open(d + "/kernel.ptx", "w").write(k.asm["ptx"])
+open(d + "/kernel.cubin", "wb").write(k.asm["cubin"])
+"""
+
+
 def compile_sass(ttir: str, triton_dir: str, work: pathlib.Path, num_warps: int = 1, num_stages: int = 1) -> dict:
     """Compile one TTIR module with the Triton found in ``triton_dir`` for sm_90a; returns its texts and counts."""
     src = work / "kernel.ttir"
     src.write_text(ttir)
-    # triton.compile starts an IR file at the stage after it, so the TTIR passes XLA runs on a Pallas module
-    # (xla/backends/gpu/codegen/triton/compilation_pipeline_cuda.cc: MakeTTIR, e.g. the combine pass that folds
-    # acc + dot(a, b) into dot(a, b, acc)) are run here first
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import triton; from triton.backends.compiler import GPUTarget;"
-            "from triton._C.libtriton import ir, passes; from triton.compiler.compiler import make_backend;"
-            "t = GPUTarget('cuda', 90, 32); ctx = ir.context(); ir.load_dialects(ctx); make_backend(t).load_dialects(ctx);"
-            "mod = ir.parse_mlir_module(sys.argv[2], ctx); pm = ir.pass_manager(ctx); c, tt = passes.common, passes.ttir;"
-            "[f(pm) for f in (c.add_inliner, tt.add_rewrite_tensor_pointer, c.add_canonicalizer, tt.add_combine,"
-            " tt.add_reorder_broadcast, c.add_cse, c.add_symbol_dce, tt.add_loop_unroll)]; pm.run(mod, 'make_ttir');"
-            "open(sys.argv[2], 'w').write(str(mod));"
-            "k = triton.compile(sys.argv[2], target=t, options=dict(num_warps=int(sys.argv[4]),"
-            " num_stages=int(sys.argv[5]))); d = sys.argv[3]; open(d + '/kernel.ttgir', 'w').write(k.asm['ttgir']);"
-            "open(d + '/kernel.ptx', 'w').write(k.asm['ptx']); open(d + '/kernel.cubin', 'wb').write(k.asm['cubin'])")
-    subprocess.run([sys.executable, "-c", code, triton_dir, str(src), str(work), str(num_warps), str(num_stages)],
+    subprocess.run([sys.executable, "-c", _COMPILE, triton_dir, str(src), str(work), str(num_warps), str(num_stages)],
                    check=True)
     bin_dir = pathlib.Path(triton_dir) / "triton" / "backends" / "nvidia" / "bin"
     ptxas = subprocess.run([str(bin_dir / "ptxas"), "-arch=sm_90a", "-v", str(work / "kernel.ptx"), "-o",
@@ -128,7 +147,8 @@ def compile_sass(ttir: str, triton_dir: str, work: pathlib.Path, num_warps: int 
                           text=True, check=True).stdout
     (work / "kernel.sass").write_text(sass)
     return dict(ptxas=" ".join(l.strip() for l in ptxas.splitlines() if "registers" in l),
-                histogram=sass_histogram(sass), loops=loop_histograms(sass), converts=(work / "kernel.ttgir").read_text().count("convert_layout"))
+                histogram=sass_histogram(sass), loops=loop_histograms(sass),
+                converts=(work / "kernel.ttgir").read_text().count("convert_layout"))
 
 
 def _fields(text: str) -> dict:

@@ -1,4 +1,4 @@
-"""Profile this project's Pallas kernels with Nsight Compute on the device machine: where each warp waits, per SASS line.
+"""Profile this project's Pallas kernels with Nsight Compute on the device machine: where warps wait, per SASS line.
 
 How the tenth session found what bounds the kernels (results/ncu_h200/): ncu samples every warp's stall reason at
 each SASS instruction; summed, that says whether a kernel waits on global loads (long_sb), on the shared-memory /
@@ -122,7 +122,8 @@ def profile(specs: list[str], out: pathlib.Path, top: int) -> None:
         name = spec.replace(":", "_")
         rep = out / name
         cmd = ["ncu", "--clock-control", "none", "--set", "full", "--import-source", "no", "-k", "regex:hlwq",
-               "--launch-skip", "2", "--launch-count", "1", "-f", "-o", str(rep), sys.executable, __file__, "case", spec]
+               "--launch-skip", "2", "--launch-count", "1", "-f", "-o", str(rep),
+               sys.executable, __file__, "case", spec]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if run.returncode:
             print(f"{spec}: ncu exited {run.returncode}\n{run.stdout[-800:]}{run.stderr[-800:]}", flush=True)

@@ -13,8 +13,9 @@ sys.path.insert(0, str(REPO / "scripts"))
 import ncu_profile  # noqa: E402
 
 # the shape of `ncu --page source --csv --print-source sass`: a kernel-name line, the header, one row per instruction
-CSV = '''"Kernel Name","hlwq_dot_q5",
-"Address","Source","Warp Stall Sampling (All Samples)","# Samples","Instructions Executed","stall_long_sb","stall_mio","stall_barrier","stall_long_sb (Not Issued)"
+HEADER = ('"Address","Source","Warp Stall Sampling (All Samples)","# Samples","Instructions Executed",'
+          '"stall_long_sb","stall_mio","stall_barrier","stall_long_sb (Not Issued)"')
+CSV = '"Kernel Name","hlwq_dot_q5",\n' + HEADER + '''
 "0x7f00","      LDG.E R2, desc[UR4][R2.64]","3","3","64","1","2","0","9"
 "0x7f10","      SHFL.IDX PT, R5, R4, R3, 0x1f","10","10","4096","0","7","3","9"
 "0x7f20","      WARPGROUP.DEPBAR.LE gsb0, 0x0","6","6","64","0","","6","9"

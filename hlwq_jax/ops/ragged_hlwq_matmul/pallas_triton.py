@@ -10,10 +10,11 @@ Two paths (``plan``):
             it to the tensor cores as the A operand against [bm, 128] activation rows, storing only its group's
             rows (masked). Rows past Σ group_sizes form a virtual group that stores zeros, so every output row is
             written exactly once without a separate memset.
-            H200, Nemotron expert up at 4096 tokens × top-6: 1.79 ms against 0.33 ms for the dense bf16 matmul of
-            the same FLOPs (results/bench_hlwq_matmul_batched.md): each weight tile is dequantised once per
-            64-token tile, each chunk's wgmma is waited before the next chunk's lookups, and 254 registers per
-            thread leave two 4-warp blocks per SM.
+            H200, Nemotron expert up at 4096 tokens × top-6: 1.55 ms against 0.32 ms for the dense bf16 matmul of
+            the same FLOPs (results/bench_hlwq_matmul_batched_run2.md): each weight tile is dequantised once per
+            128-token tile, each chunk's wgmma is waited for before the next chunk's lookups, and one 8-warp block
+            (226 registers per thread, scripts/kernel_sass.py) fits per SM (ncu of the 64-token version:
+            results/ncu_h200/).
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ class RaggedPallasConfig:
     # (H200, results/bench_hlwq_matmul_gemv.md)
     gemv: GemvConfig = GemvConfig(max_tiles=3)
     # 128-token tiles dequantise each weight tile half as often as 64; with 8 warps (two warpgroups of 64 weight
-    # rows) they run at 200 registers, one block per SM: 1.61 ms prefill against 1.80 for bm 64, 4 warps in one call
-    # (H200, results/tenth_explore/)
+    # rows) they run at 226 registers, one block per SM: 1.55 ms prefill against 1.78 for bm 64, 4 warps in one call
+    # (H200, results/bench_hlwq_matmul_batched_run2.md; other tilings: results/tenth_explore/)
     block_m: int = 128
     block_n: int = 128
     warps: int = 8
