@@ -223,6 +223,8 @@ def main() -> None:
     if a.child:
         return child(*a.child, a.chunk_mb, a.profile)
     import jax
+
+    from hlwq_jax.provenance import code_version
     scale = 0.1 if a.smoke else 1.0
     gb = 0.005 if a.smoke else a.gb
     work = pathlib.Path(tempfile.mkdtemp(dir=a.workdir, prefix="bench_convert_"))
@@ -245,9 +247,8 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"node": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "jax_version": jax.__version__, "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
-        "git_sha": _git_sha(), "config": {"gb": gb, "chunk_mb": a.chunk_mb, "bits": 5, "block_size": 128,
-                                            "recipe": "all", "smoke": a.smoke,
-                                            "nemotron_shapes": a.nemotron_shapes},
+        **code_version(), "config": {"gb": gb, "chunk_mb": a.chunk_mb, "bits": 5, "block_size": 128,
+                                     "recipe": "all", "smoke": a.smoke, "nemotron_shapes": a.nemotron_shapes},
         "synthetic": info, "synthetic_write_s": gen_s,
         "convert_seconds": big["seconds"], "convert_gb_per_s": info["input_bytes"] / big["seconds"] / 1e9,
         "backend_init_seconds": big["backend_init_seconds"],
@@ -270,13 +271,6 @@ def main() -> None:
     with open(out, "a") as f:  # one JSON line per run
         f.write(json.dumps(rec) + "\n")
     print(json.dumps(rec, indent=2))
-
-
-def _git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip() or None
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":

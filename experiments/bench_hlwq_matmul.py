@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 
@@ -41,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hlwq_jax.provenance import code_version
 from hlwq_jax.ops.hlwq_matmul import PallasConfig, XlaConfig, hlwq_matmul, plan, repack, rotate_activations
 from hlwq_jax.ops.hlwq_matmul.gemv_triton import GemvConfig
 from hlwq_jax.ops.hlwq_matmul.pallas_triton import dequant_call
@@ -535,7 +535,7 @@ def render(jsonl_path: str) -> str:
     meta = next((r for r in rows if r.get("op") == "meta"), {})
     lines = [f"# HLWQ matmul benchmark\n", f"- command: `{meta.get('command', '?')}`",
              f"- date: {meta.get('date', '?')}  machine: {meta.get('device', '?')}  jax {meta.get('jax', '?')}"
-             f"  git {meta.get('git', '?')}", ""]
+             f"  git {meta.get('git', '?')}  source digest {meta.get('source_digest', '?')}", ""]
     if meta.get("suite") in ("xla", "gemv", "batched"):
         return render_xla(rows, lines)
     base = bf16_baselines(rows)
@@ -584,13 +584,7 @@ def main(argv=None):
     if args.skip_done:
         DONE.update(load_done(args.skip_done))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
-        sha += "+uncommitted changes" if sha and dirty else ""
-    except OSError:
-        sha = ""
+    version = code_version()
     printed = []
 
     def record(row):
@@ -603,7 +597,8 @@ def main(argv=None):
         printed.append(msg)
         print(msg, flush=True)
 
-    record(dict(op="meta", command=" ".join([os.path.basename(sys.executable)] + sys.argv), git=sha or "uncommitted",
+    record(dict(op="meta", command=" ".join([os.path.basename(sys.executable)] + sys.argv), git=version["git_sha"],
+                source_digest=version["source_digest"],
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=str(jax.devices()[0].device_kind), jax=jax.__version__, host=platform.node(), suite=args.suite))
     t0 = time.time()

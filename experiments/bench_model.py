@@ -34,7 +34,6 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hlwq_jax.models import nemotron_h as nh
+from hlwq_jax.provenance import code_version
 from hlwq_jax.nn.moe import moe, moe_experts, route
 
 TINY_HF = dict(nh.NANO_30B_HF, vocab_size=512, hidden_size=128, hybrid_override_pattern="MEM*EME",
@@ -167,17 +167,9 @@ def variant_params(params, variant: str):
     return jax.block_until_ready(p)
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def run_info() -> dict:
-    """git_sha, jax, device and platform of this run (the JSON header of the model benchmarks)."""
-    return {"git_sha": _git_sha(), "jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
+    """git_sha, source_digest, jax, device and platform of this run (the JSON header of the model benchmarks)."""
+    return {**code_version(), "jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
             "platform": platform.platform()}
 
 

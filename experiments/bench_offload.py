@@ -104,6 +104,7 @@ from hlwq_jax.offload.bank import TRANSFERS
 from hlwq_jax.offload.expert_cache import LayerCache
 from hlwq_jax.offload import trace as T
 from hlwq_jax.offload.harness import FullModelHarness, MoEOnlyHarness
+from hlwq_jax.provenance import code_version
 
 CAVEAT = ("random weights route near-uniformly: hit rates here are ~C/E (pessimistic) and do not represent real-text "
           "routing; per-miss cost and no-miss overhead do transfer to real models")
@@ -525,14 +526,6 @@ def replay_rows(cfg, records, meta) -> list[dict]:
 
 
 # ---- output --------------------------------------------------------------------------------------------------------
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def append_jsonl(path: str, rows: list[dict]) -> None:
     """Append atomically: old content + new rows to a temp file, then os.replace."""
     old = open(path).read() if os.path.exists(path) else ""
@@ -643,7 +636,7 @@ def main(argv=None) -> int:
     if preflight_error is not None:
         cfg = dataclasses.replace(cfg, transfer=tuple(t for t in cfg.transfer if t != "stacked-jit"))
         print(f"TRANSFER stacked-jit FAILED its preflight, skipped:\n{preflight_error[-3000:]}", flush=True)
-    meta = {"config": dataclasses.asdict(requested), "git_sha": git_sha(), "jax": jax.__version__,
+    meta = {"config": dataclasses.asdict(requested), **code_version(), "jax": jax.__version__,
             "device": str(jax.devices()[0].device_kind), "model": cfg.model, "command": " ".join(sys.argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     print(f"bench_offload on {meta['device']}: {cfg}\nnote: {CAVEAT}", flush=True)

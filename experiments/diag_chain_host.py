@@ -27,11 +27,12 @@ import time
 import jax
 import numpy as np
 
-from experiments.bench_offload import BenchConfig, append_jsonl, git_sha
+from experiments.bench_offload import BenchConfig, append_jsonl
 from experiments.diag_offload_host import Timer
 from hlwq_jax.offload import moe_stack as MS
 from hlwq_jax.offload import nemotron as NM
 from hlwq_jax.offload.harness import FullModelHarness
+from hlwq_jax.provenance import code_version
 
 CALLS = ("_segment", "routed_call", "_chain_codes")
 
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     moe.caches[0].precompile()
     moe.preload(h.restricted_experts)
     dev = jax.devices()[0]
-    meta = {"kind": "chain_host_diag", "bank": bank, "slots": slots, "tokens": cfg.tokens, "git_sha": git_sha(),
+    meta = {"kind": "chain_host_diag", "bank": bank, "slots": slots, "tokens": cfg.tokens, **code_version(),
             "jax": jax.__version__, "device": dev.device_kind, "platform": dev.platform,
             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -60,9 +60,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench_offload import append_jsonl, git_sha
+from experiments.bench_offload import append_jsonl
 from hlwq_jax.offload import expert_cache as X
 from hlwq_jax.offload.bank import HostBank, expert_row, split_layer
+from hlwq_jax.provenance import code_version
 from hlwq_jax.quant import packing
 from hlwq_jax.quant.array import HLWQArray
 
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
         raise ValueError(f"need 0 <= misses <= top_k={a.top_k} and top_k <= slots <= experts={a.experts}")
     shapes = REAL if a.real_shapes else SMALL
     dev = jax.devices()[0]
-    meta = {"kind": "host_diag", "git_sha": git_sha(), "jax": jax.__version__, "device": dev.device_kind,
+    meta = {"kind": "host_diag", **code_version(), "jax": jax.__version__, "device": dev.device_kind,
             "platform": dev.platform, "experts": a.experts, "top_k": a.top_k, "shapes": shapes,
             "real_shapes": a.real_shapes, "steps": a.steps, "policy": "lru", "transfer": "stacked-jit", "note": NOTE,
             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),

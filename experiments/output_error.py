@@ -30,6 +30,7 @@ import numpy as np
 from experiments import ppl_wikitext as pw
 from hlwq_jax.eval import perplexity
 from hlwq_jax.nn import attention, mlp
+from hlwq_jax.provenance import code_version
 from hlwq_jax.quant.spec import parse_quant_name, quantize_leaf
 
 
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
     recs = run(a.model, a.quants.split(","), a.tokens)
     env = {"command": "python -m experiments.output_error " + " ".join(argv or __import__("sys").argv[1:]),
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jax_version": jax.__version__,
-           "device": jax.devices()[0].device_kind, "git_sha": pw.git_sha(), "seconds": round(time.time() - t0, 1)}
+           "device": jax.devices()[0].device_kind, **code_version(), "seconds": round(time.time() - t0, 1)}
     if a.out:
         pw.append_jsonl(a.out, [{**env, **r} for r in recs])
     print(f"{'model':14s} {'quant':10s} {'weight_rel':>10s} {'output_rel':>10s} {'diag_rel':>9s} {'amp':>5s}")

@@ -23,7 +23,6 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 import time
 
@@ -35,6 +34,7 @@ from hlwq_jax.ckpt import gguf_io
 from hlwq_jax.eval import data as eval_data
 from hlwq_jax.eval import perplexity
 from hlwq_jax.models import gemma3, llama
+from hlwq_jax.provenance import code_version
 from hlwq_jax.quant.recipe import Recipe, path_str, quantize_params, summarize
 from hlwq_jax.quant.spec import parse_quant_name
 from hlwq_jax.text import load_tokenizer
@@ -121,18 +121,6 @@ def _is_linear(path: str) -> bool:
     return re.match(LINEAR_RE, path) is not None
 
 
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return "unknown"
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def append_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
     """Append lines atomically: write old content + new lines to a temp file, then os.replace."""
     path = pathlib.Path(path)
@@ -189,7 +177,7 @@ def run_one(cfg: RunConfig, progress=None, with_tensor_stats: bool = False) -> d
            "frac_within_10pct_lloyd_max": summary.get("frac_within_10pct_lloyd_max"),
            "quantized": UNQUANTIZED_NOTE, "compute_dtype": "float32", "batch_size": batch,
            "config": dataclasses.asdict(cfg), "gguf": m.gguf_path.name, "gguf_sha256": m.gguf_sha256,
-           "tokenizer": m.tokenizer.source, "test_tokens": int(len(tokens)), "git_sha": git_sha(),
+           "tokenizer": m.tokenizer.source, "test_tokens": int(len(tokens)), **code_version(),
            "jax_version": jax.__version__, "device": str(jax.devices()[0].device_kind),
            "platform": jax.devices()[0].platform, "quant_seconds": round(t_quant, 2),
            "seconds": round(time.time() - t0, 2), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
