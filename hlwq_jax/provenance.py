@@ -1,12 +1,12 @@
 """Which code produced a result: the git commit, and a digest of the Python sources themselves.
 
 The digest is what to trust where the checkout's git metadata may not match its files: the device machine runs a
-copy of the working tree whose ``.git`` was the session's first one (the tenth session's results were labelled
-"5790e2a+uncommitted changes" while the tree was 2219998). Match a result to a commit with
+copy of the working tree whose ``.git`` stays as it was when the session started (the tenth session's results were
+labelled "5790e2a+uncommitted changes" while the tree was 2219998). Match a result to a commit with
     python -m hlwq_jax.provenance --at 2219998        # the digest that commit's files give
     python -m hlwq_jax.provenance                     # the working tree's
-The digest is sha256 over the relative path and bytes of every ``*.py`` under hlwq_jax/, experiments/ and scripts/
-(sorted by path; the directories a checkout lacks are left out), first 16 hex digits.
+The digest is sha256 over the relative path and the sha256 of the bytes of every ``*.py`` under hlwq_jax/,
+experiments/ and scripts/ (sorted by path; the directories a checkout lacks are left out), first 16 hex digits.
 """
 from __future__ import annotations
 
