@@ -11,6 +11,10 @@ On the device (ncu reads hardware counters on the Firecracker machines; its runt
 writes per case NAME.txt (ncu --page details), NAME_sass.csv (per-instruction samples) and NAME_stalls.md, and prints
 the stall tables. A case runs its jitted call three times; ncu profiles the third launch of a kernel named hlwq*.
     python3 scripts/ncu_profile.py stalls NAME_sass.csv [--top 30]      # the table again, anywhere
+    PYTHONPATH=. python3 scripts/ncu_profile.py kernels decode dense:in_proj:1 --out $OUT/kernels
+lists every kernel of one call (XLA's fusions too) with its duration (``gpu__time_duration``, one ncu pass, no
+filter): the third call, after a marker kernel launched before it. That is how the grouped decode's binary search
+showed up as 18 kernels of 2 µs (results/ncu_h200/decode_kernel_list.md).
 Cases: ``dense:SHAPE:M[:BITS]`` (hlwq_matmul on a Nemotron shape of experiments/bench_hlwq_matmul.py),
 ``grouped[:BITS]`` (the MoE prefill, 4096 tokens × top-6 over 128 experts of expert_up), ``decode[:BITS]`` (6 token
 rows on 6 experts). Bits default to 5; weights are random codes (bench_hlwq_matmul.random_hlwq).
@@ -47,8 +51,28 @@ def parse_case(spec: str) -> tuple[str, dict]:
     return kind, fields
 
 
-def run_case(spec: str) -> None:
-    """Build the case's inputs and run its jitted call three times (what ncu profiles)."""
+MARKER = "ncu_call_marker"
+
+
+def marker_kernel(interpret: bool = False):
+    """Run a 16-element copy kernel named MARKER (Pallas-Triton, like the project's kernels): the mark ``kernels``
+    lists the kernels after."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    def copy(x_ref, o_ref):
+        o_ref[...] = x_ref[...] + 1.0
+
+    call = pl.pallas_call(copy, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32), name=MARKER, interpret=interpret,
+                          compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1))
+    return jax.jit(call)(jnp.zeros((16,), jnp.float32))
+
+
+def run_case(spec: str, marker: bool = False) -> None:
+    """Build the case's inputs and run its jitted call three times (what ncu profiles); with ``marker``, the MARKER
+    kernel runs (and finishes) before the third call."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -77,7 +101,9 @@ def run_case(spec: str) -> None:
         w = jax.jit(repack)(random_hlwq(key, (n_e, out, n_in), f["bits"]))
         x = jax.random.normal(key, (t, n_in), jnp.bfloat16)
         fn = jax.jit(lambda x_, w_: ragged_hlwq_matmul(x_, w_, gs, impl="pallas"))
-    for _ in range(3):
+    for i in range(3):
+        if marker and i == 2:
+            jax.block_until_ready(marker_kernel())
         jax.block_until_ready(fn(x, w))
 
 
@@ -101,6 +127,57 @@ def stall_table(csv_text: str) -> tuple[collections.Counter, list[dict]]:
                          executed=int(r.get("Instructions Executed") or 0), reasons=own))
     rows.sort(key=lambda r: -r["samples"])
     return totals, rows
+
+
+_UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+
+
+def kernel_list(csv_text: str, marker: str = MARKER) -> list[tuple[str, float]]:
+    """(kernel name, µs) of every kernel after the last ``marker`` launch, from ``ncu --csv --metrics
+    gpu__time_duration.sum`` output (``==PROF==`` lines, then a header line starting with "ID", one row per
+    kernel)."""
+    lines = csv_text.splitlines()
+    start = next((i for i, l in enumerate(lines) if l.startswith('"ID"')), None)
+    if start is None:
+        raise ValueError("no '\"ID\",...' header line: not ncu --csv metrics output")
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
+    for need in ("Kernel Name", "Metric Name", "Metric Unit", "Metric Value"):
+        if rows and need not in rows[0]:
+            raise ValueError(f"ncu CSV has no {need!r} column")
+    ks = []
+    for r in rows:
+        if r["Metric Name"] != "gpu__time_duration.sum":
+            continue
+        if r["Metric Unit"] not in _UNITS:
+            raise ValueError(f"kernel {r['Kernel Name']!r}: unknown duration unit {r['Metric Unit']!r}")
+        ks.append((r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * _UNITS[r["Metric Unit"]]))
+    last = max((i for i, (name, _) in enumerate(ks) if name == marker), default=None)
+    if last is None:
+        raise ValueError(f"no {marker!r} kernel in the CSV (run the case with --marker)")
+    return ks[last + 1:]
+
+
+def render_kernels(ks: list[tuple[str, float]]) -> str:
+    out = [f"{len(ks)} kernels, {sum(t for _, t in ks):.1f} µs of kernel time", "", "| kernel | µs |", "|---|---|"]
+    return "\n".join(out + [f"| {name[:80]} | {t:.2f} |" for name, t in ks]) + "\n"
+
+
+def kernels(specs: list[str], out: pathlib.Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    for spec in specs:
+        parse_case(spec)
+        name = spec.replace(":", "_")
+        cmd = ["ncu", "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "--csv",
+               sys.executable, __file__, "case", spec, "--marker"]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        (out / f"{name}_kernels.csv").write_text(run.stdout)
+        if run.returncode:
+            print(f"{spec}: ncu exited {run.returncode}\n{run.stdout[-800:]}{run.stderr[-800:]}", flush=True)
+            continue
+        table = f"# {spec}: one call\n\n" + render_kernels(kernel_list(run.stdout))
+        (out / f"{name}_kernels.md").write_text(table)
+        print(table, flush=True)
 
 
 def render_stalls(totals: collections.Counter, rows: list[dict], top: int = 25) -> str:
@@ -145,16 +222,22 @@ def main(argv=None):
     p.add_argument("cases", nargs="+")
     p.add_argument("--out", required=True, type=pathlib.Path)
     p.add_argument("--top", type=int, default=25)
+    k = sub.add_parser("kernels", help="list every kernel of one call of each case with its duration (device)")
+    k.add_argument("cases", nargs="+")
+    k.add_argument("--out", required=True, type=pathlib.Path)
     c = sub.add_parser("case", help="run one case three times (what ncu profiles)")
     c.add_argument("spec")
+    c.add_argument("--marker", action="store_true", help=f"launch a {MARKER!r} kernel before the third call")
     s = sub.add_parser("stalls", help="print the stall table of an ncu source-page CSV")
     s.add_argument("csv", type=pathlib.Path)
     s.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
     if args.cmd == "profile":
         profile(args.cases, args.out, args.top)
+    elif args.cmd == "kernels":
+        kernels(args.cases, args.out)
     elif args.cmd == "case":
-        run_case(args.spec)
+        run_case(args.spec, args.marker)
     else:
         print(render_stalls(*stall_table(args.csv.read_text()), top=args.top))
 

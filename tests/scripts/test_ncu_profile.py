@@ -53,3 +53,39 @@ def test_parse_case(spec, want):
 def test_parse_case_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         ncu_profile.parse_case(spec)
+
+
+# `ncu --csv --metrics gpu__time_duration.sum`: ==PROF== lines, the header, one row per kernel launch
+COLUMNS = ("ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+           "Grid Size", "Device", "CC", "Section Name", "Metric Name", "Metric Unit", "Metric Value")
+METRICS = '''==PROF== Connected to process 1 (/usr/bin/python3.12)
+==PROF== Disconnected from process 1
+''' + ",".join(f'"{c}"' for c in COLUMNS) + '''
+"0","1","python3.12","h","loop_add_fusion","1","14","(1, 1, 1)","(1, 1, 1)","0","9.0","m","gpu__time_duration.sum","ns","2,048"
+"1","1","python3.12","h","ncu_call_marker","1","14","(32, 1, 1)","(1, 1, 1)","0","9.0","m","gpu__time_duration.sum","ns","1,500"
+"2","1","python3.12","h","hlwq_gemv_q5","1","14","(32, 1, 1)","(1, 480, 6)","0","9.0","m","gpu__time_duration.sum","us","15.01"
+"3","1","python3.12","h","ncu_call_marker","1","14","(32, 1, 1)","(1, 1, 1)","0","9.0","m","gpu__time_duration.sum","ns","1,400"
+"4","1","python3.12","h","loop_select_fusion","1","14","(1, 1, 1)","(1, 1, 1)","0","9.0","m","gpu__time_duration.sum","ns","2,496"
+"5","1","python3.12","h","hlwq_gemv_q5","1","14","(32, 1, 1)","(1, 480, 6)","0","9.0","m","gpu__time_duration.sum","ms","0.015008"
+'''
+
+
+def test_kernel_list_is_what_follows_the_last_marker_in_microseconds():
+    ks = ncu_profile.kernel_list(METRICS)
+    assert ks == [("loop_select_fusion", pytest.approx(2.496)), ("hlwq_gemv_q5", pytest.approx(15.008))]
+    text = ncu_profile.render_kernels(ks)
+    assert text.startswith("2 kernels, 17.5 µs") and "| hlwq_gemv_q5 | 15.01 |" in text
+
+
+def test_kernel_list_errors():
+    with pytest.raises(ValueError, match="ncu_call_marker"):
+        ncu_profile.kernel_list(METRICS.replace("ncu_call_marker", "other"))
+    with pytest.raises(ValueError, match="not ncu --csv"):
+        ncu_profile.kernel_list("==PROF== nothing\n")
+    with pytest.raises(ValueError, match="unknown duration unit 'cycle'"):
+        ncu_profile.kernel_list(METRICS.replace('"us","15.01"', '"cycle","15"'))
+
+
+def test_marker_kernel_runs_in_interpret_mode():
+    import numpy as np
+    np.testing.assert_array_equal(np.asarray(ncu_profile.marker_kernel(interpret=True)), np.ones(16, np.float32))
