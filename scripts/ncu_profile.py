@@ -163,18 +163,8 @@ def render_kernels(ks: list[tuple[str, float]]) -> str:
 
 
 def kernels(specs: list[str], out: pathlib.Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    for spec in specs:
-        parse_case(spec)
-        name = spec.replace(":", "_")
-        cmd = ["ncu", "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "--csv",
-               sys.executable, __file__, "case", spec, "--marker"]
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for spec, name, run in _ncu_runs(specs, out, ["--metrics", "gpu__time_duration.sum", "--csv"], ["--marker"]):
         (out / f"{name}_kernels.csv").write_text(run.stdout)
-        if run.returncode:
-            print(f"{spec}: ncu exited {run.returncode}\n{run.stdout[-800:]}{run.stderr[-800:]}", flush=True)
-            continue
         table = f"# {spec}: one call\n\n" + render_kernels(kernel_list(run.stdout))
         (out / f"{name}_kernels.md").write_text(table)
         print(table, flush=True)
@@ -191,23 +181,31 @@ def render_stalls(totals: collections.Counter, rows: list[dict], top: int = 25) 
     return "\n".join(out) + "\n"
 
 
-def profile(specs: list[str], out: pathlib.Path, top: int) -> None:
+def _ncu_runs(specs: list[str], out: pathlib.Path, ncu_args: list[str], case_args: list[str] = ()):
+    """Yield (spec, file stem, finished process) of ``ncu NCU_ARGS python3 THIS case SPEC CASE_ARGS`` per case;
+    a failed run is printed and skipped. ``{stem}`` in ncu_args becomes out/stem."""
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # ncu saves and restores device memory per pass
     for spec in specs:
         parse_case(spec)
         name = spec.replace(":", "_")
-        rep = out / name
-        cmd = ["ncu", "--clock-control", "none", "--set", "full", "--import-source", "no", "-k", "regex:hlwq",
-               "--launch-skip", "2", "--launch-count", "1", "-f", "-o", str(rep),
-               sys.executable, __file__, "case", spec]
+        cmd = ["ncu", "--clock-control", "none", *(a.replace("{stem}", str(out / name)) for a in ncu_args),
+               sys.executable, __file__, "case", spec, *case_args]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if run.returncode:
             print(f"{spec}: ncu exited {run.returncode}\n{run.stdout[-800:]}{run.stderr[-800:]}", flush=True)
             continue
-        details = subprocess.run(["ncu", "-i", f"{rep}.ncu-rep", "--page", "details"], capture_output=True, text=True)
+        yield spec, name, run
+
+
+def profile(specs: list[str], out: pathlib.Path, top: int) -> None:
+    args = ["--set", "full", "--import-source", "no", "-k", "regex:hlwq", "--launch-skip", "2", "--launch-count", "1",
+            "-f", "-o", "{stem}"]
+    for spec, name, _ in _ncu_runs(specs, out, args):
+        rep = f"{out / name}.ncu-rep"
+        details = subprocess.run(["ncu", "-i", rep, "--page", "details"], capture_output=True, text=True)
         (out / f"{name}.txt").write_text(details.stdout)
-        src = subprocess.run(["ncu", "-i", f"{rep}.ncu-rep", "--page", "source", "--csv", "--print-source", "sass"],
+        src = subprocess.run(["ncu", "-i", rep, "--page", "source", "--csv", "--print-source", "sass"],
                              capture_output=True, text=True, check=True).stdout
         (out / f"{name}_sass.csv").write_text(src)
         table = f"# {spec}\n\n" + render_stalls(*stall_table(src), top=top)
