@@ -1,4 +1,4 @@
-"""The decode GEMV's pieces: the tile order of the activations (a float64 pairing oracle over the planes), the
+"""The decode GEMV's pieces: the GEMV order of the activations (a float64 pairing oracle over the planes), the
 warp-shuffle lookup primitives lane_ids / lane_shuffle (CPU model, interpret mode, Triton lowering, GPU), the tile
 geometry and GemvConfig's grid plan."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 from jax.experimental import pallas as pl
 
 from hlwq_oracle import exact_weight
-from hlwq_jax.ops.hlwq_matmul import repack
-from hlwq_jax.ops.hlwq_matmul.gemv_triton import (TILE_WORDS, GemvConfig, plan_grid, tile_geometry, tile_order,
-                                                  to_tile_order)
+from hlwq_jax.ops.hlwq_matmul import hlwq_matmul, repack
+from hlwq_jax.ops.hlwq_matmul.gemv_triton import GemvConfig, chunk_order, plan_grid, tile_geometry, to_gemv_order
+from hlwq_jax.ops.hlwq_matmul.rotate import chunk_permutation
 from hlwq_jax.ops.hlwq_matmul.lane_lut import lane_ids, lane_shuffle, lane_table
 from hlwq_jax.ops.hlwq_matmul.layout import PLANE_WIDTHS
 
@@ -31,48 +31,36 @@ def _code_of_field(planes, bits, word, field):
 
 
 @pytest.mark.parametrize("bits,n_in", [(3, 300), (4, 2688), (5, 300), (5, 2688), (6, 1000), (8, 640)])
-def test_tile_order_pairs_each_field_with_its_column(bits, n_in):
-    """Σ_{t,f,s} c[code(word 128·t + s, field f)] · x_tiles[t, f, s] equals Σ_k c[code_k] · x_k, in float64."""
+def test_gemv_order_pairs_each_field_with_its_column(bits, n_in):
+    """The kernel multiplies field f of base word w (chunk w // nw) by GEMV-order activation
+    128·(w // nw) + nw·f + (w mod nw): Σ over words and fields of c[code] · x_gemv equals Σ_k c[code_k] · x_k,
+    in float64."""
     rng = np.random.default_rng(bits)
     w = exact_weight(rng, bits, (7, n_in))
     p = repack(w)
     x = rng.standard_normal((1, p.padded_in))
-    xt = np.asarray(to_tile_order(jnp.asarray(x, jnp.float32), p), np.float64)[0]
-    f0, nw, cpt, n_tiles = tile_geometry(p)
+    xg = np.asarray(to_gemv_order(jnp.asarray(x, jnp.float32), p), np.float64)[0]
+    f0, nw, _, _ = tile_geometry(p)
     table = rng.standard_normal(1 << bits)  # any table: the pairing must hold entry by entry
     got = np.zeros(p.rows)
-    n_words = np.asarray(p.planes[0]).shape[1]
-    for t in range(n_tiles):
-        for s in range(TILE_WORDS):
-            word = t * TILE_WORDS + s
-            if word >= n_words:
-                assert not xt[t * f0 * TILE_WORDS:(t + 1) * f0 * TILE_WORDS].reshape(f0, TILE_WORDS)[:, s].any()
-                continue
-            for f in range(f0):
-                got += table[_code_of_field(p.planes, bits, word, f)] * xt[(t * f0 + f) * TILE_WORDS + s]
+    for word in range(np.asarray(p.planes[0]).shape[1]):
+        for f in range(f0):
+            got += table[_code_of_field(p.planes, bits, word, f)] * xg[128 * (word // nw) + nw * f + word % nw]
     codes = np.asarray(p.codes()).astype(np.int64)  # [out, padded_in]
-    want = table[codes] @ x[0]
-    np.testing.assert_allclose(got[: w.shape[0]], want, rtol=1e-6, atol=1e-6)
-
-
-def test_tile_order_is_a_permutation_plus_padding():
-    p = repack(exact_weight(np.random.default_rng(0), 5, (3, 2688)))  # 21 chunks: 3 tiles of 8, 3 chunks padding
-    order = tile_order(p)
-    f0, nw, cpt, n_tiles = tile_geometry(p)
-    assert (f0, nw, cpt, n_tiles) == (8, 16, 8, 3)
-    real = order[order < p.n_chunks * 128]
-    assert sorted(real.tolist()) == list(range(p.n_chunks * 128))
-    assert (order == p.n_chunks * 128).sum() == (n_tiles * cpt - p.n_chunks) * 128
+    np.testing.assert_allclose(got[: w.shape[0]], table[codes] @ x[0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits,n_in", [(2, 300), (3, 2688), (5, 1856), (5, 4096), (8, 5000)])
-def test_to_tile_order_is_the_tile_order_gather(bits, n_in):
-    """The transpose form equals the gather by the index map ``tile_order`` (zero column for padding slots)."""
+def test_to_gemv_order_is_the_chunk_order_gather(bits, n_in):
+    """The transpose form equals the gather by ``chunk_order`` within every chunk (what rotate_activations folds
+    into its matrix), and chunk_order is a permutation."""
     rng = np.random.default_rng(n_in)
     p = repack(exact_weight(rng, bits, (3, n_in)))
+    order = chunk_order(bits)
+    assert sorted(order.tolist()) == list(range(128))
     x = rng.standard_normal((2, p.padded_in)).astype(np.float32)
-    want = np.take(np.pad(x, [(0, 0), (0, 1)]), tile_order(p), axis=1)
-    np.testing.assert_array_equal(np.asarray(to_tile_order(jnp.asarray(x), p)), want)
+    want = np.take(x, chunk_permutation(order, p.padded_in), axis=1)
+    np.testing.assert_array_equal(np.asarray(to_gemv_order(jnp.asarray(x), p)), want)
 
 
 def test_plan_grid_splits_rows_and_steps():
@@ -161,3 +149,16 @@ def test_lane_shuffle_on_gpu_matches_table_lookup(shape, n_table):
     table, idx, want = _lookup_case(n_table + len(shape), shape, n_table)
     out = pl.pallas_call(_lookup_kernel, out_shape=jax.ShapeDtypeStruct(idx.shape, jnp.float32))(table, idx)
     np.testing.assert_array_equal(np.asarray(out), want)
+
+
+@pytest.mark.parametrize("out,n_in", [(256, 640), (130, 300), (1, 2688)])
+def test_gemv_stores_exactly_the_output_rows(out, n_in):
+    """Output rows a multiple of the 128-row padding (plain store) or not (masked store): the GEMV returns [M, out]
+    equal to the float64 oracle, with nothing of the padding rows."""
+    rng = np.random.default_rng(out)
+    w = exact_weight(rng, 5, (out, n_in))
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    y = hlwq_matmul(jnp.asarray(x), repack(w), impl="pallas", interpret=True)
+    want = x.astype(np.float64) @ np.asarray(w.dequantize(jnp.float32), np.float64).T
+    assert y.shape == (1, out)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2e-5, atol=2e-5)

@@ -45,6 +45,28 @@ def test_rotation_float32(rotation, block_size):
     assert err < 1e-6, f"B={block_size} {rotation}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("rotation", ["hadamard", "random-hadamard", "none"])
+@pytest.mark.parametrize("block_size,dtype", [(128, jnp.float32), (256, jnp.float32), (128, jnp.bfloat16),
+                                              (256, jnp.bfloat16)])
+def test_rotation_in_a_chunk_order(rotation, block_size, dtype):
+    """chunk_order (folded into the Hadamard columns) = the float64 oracle's columns permuted within every chunk."""
+    rng = np.random.default_rng(block_size)
+    n_in = 2 * block_size + 100
+    w = exact_weight(rng, 4, (8, n_in), block_size=block_size, rotation=rotation, seed=3)
+    x = jnp.asarray(rng.standard_normal((3, n_in)), dtype)
+    order = rng.permutation(128)
+    y = rotate_activations(x, w, chunk_order=order)
+    ref = rotate_numpy(np.asarray(x.astype(jnp.float32), np.float64), block_size, w.padded_in, rotation, w.seed)
+    perm = (np.arange(0, w.padded_in, 128)[:, None] + order[None, :]).reshape(-1)
+    assert y.dtype == jnp.float32 and y.shape == ref.shape
+    assert rel_err(y, ref[:, perm]) < 1e-6
+    with pytest.raises(ValueError, match="permutation"):
+        rotate_activations(x, w, chunk_order=np.zeros(128, int))
+    w64 = exact_weight(rng, 4, (8, n_in), block_size=64)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        rotate_activations(x, w64, chunk_order=order)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="XlaConfig.reduce_max_m"):
         XlaConfig(reduce_max_m=-1)

@@ -11,15 +11,20 @@ then instructions per code, then how often the activations are re-read; each cho
 * Each code is one (funnel) shift of those words (``layout.field``); the table lookup is ``lane_shuffle``
   (lane_lut.py): lane l holds table[l mod 2^b] and a lookup is one warp shuffle, which reads only the low 5 bits of
   its index, so the codes need no mask (b ≤ 5; 6 and 8 bits mask and load from the 2^b·4-byte table, which L1
-  serves). Then one FMA: ≈ 4.1 SASS instructions per code in the step loop (``scripts/kernel_sass.py``).
+  serves). Then one FMA, written as ``fma.fma`` (XLA's Triton pipeline left every product and sum unfused:
+  fma.py): ≈ 4.1 SASS instructions per code in the step loop (``scripts/kernel_sass.py``).
 * A program owns a group of ≤ ``max_tiles`` tiles of the input (longer rows are split; XLA adds the partial sums)
-  and keeps that group's activations in registers (F·4 floats per lane and tile, in *tile order*, ``tile_order``),
-  so they are read once per program, not once per row. Programs of one row block's tile groups are launched next to
-  each other (the group is grid axis 0).
+  and keeps that group's activations in registers (F·4 floats per lane and tile), so they are read once per
+  program, not once per row. The activations come in *GEMV order* (``chunk_order``: within every 128-column chunk,
+  field-major), so that a lane's 4 words of one field are 4 consecutive floats; the order is folded into the
+  rotation's Hadamard matrix (``rotate_activations(..., chunk_order=...)``), which costs no pass of its own.
+  Programs of one row block's tile groups are launched next to each other (the group is grid axis 0).
 * It walks ``steps`` × ``rows`` output rows, each step its loads then its arithmetic. Neither register double
   buffering (ptxas sinks the next step's loads to the end of the loop body, results/gemv_explore/README.md) nor an
-  L2 prefetch of later steps made it faster on the H200; only the other warps of the SM (32 at 64 registers) hide
-  the latency, and that is what bounds it now, with the lookups (results/bench_hlwq_matmul_gemv.md).
+  L2 prefetch of later steps made it faster on the H200; only the other warps of the SM (32 at 64 registers, and
+  at most 32 one-warp blocks per SM) hide the latency, and that is what bounds it now, with the lookups
+  (results/bench_hlwq_matmul_gemv.md, results/eleventh_explore/README.md). Rows past ``out`` (the layout's padding)
+  are computed and not stored (a masked store instead of a slice after the kernel).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from hlwq_jax.ops.hlwq_matmul.fma import fma
 from hlwq_jax.ops.hlwq_matmul.lane_lut import lane_shuffle, lane_table
 from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, bitrev, extension_bits, field, fields_per_word
 
@@ -49,27 +55,26 @@ def tile_geometry(p: HLWQPlanes) -> tuple[int, int, int, int]:
     return f0, nw, cpt, -(-p.n_chunks // cpt)
 
 
-def tile_order(p: HLWQPlanes) -> np.ndarray:
-    """int [n_tiles · F0 · 128]: position i of the tile-order activations holds padded column ``tile_order(p)[i]``
-    (columns past the last chunk index the zero padding at n_chunks · 128)."""
-    f0, nw, cpt, n_tiles = tile_geometry(p)
-    t, f, s = np.meshgrid(np.arange(n_tiles), np.arange(f0), np.arange(TILE_WORDS), indexing="ij")
-    col = CHUNK * (t * cpt + s // nw) + f0 * (s % nw) + bitrev(f0.bit_length() - 1)[f]
-    return np.minimum(col, p.n_chunks * CHUNK).reshape(-1)
+def chunk_order(bits: int) -> np.ndarray:
+    """int [128]: the GEMV's order of the columns within every 128-column chunk (F0 fields per base word, nw base
+    words per chunk). Position f·nw + w (field f, base word w of the chunk) holds chunk column F0·w + bitrev(f) — the column whose code
+    is field f of word w (layout.py) — so a lane's 4 words of one field are 4 consecutive activations (one 16-byte
+    load). ``rotate_activations(x, w, chunk_order=chunk_order(bits))`` folds it into the Hadamard matrix's columns."""
+    f0 = fields_per_word(bits)
+    nw = CHUNK // f0
+    f, w = np.meshgrid(np.arange(f0), np.arange(nw), indexing="ij")
+    return (f0 * w + bitrev(f0.bit_length() - 1)[f]).reshape(-1)
 
 
-def to_tile_order(xr: jax.Array, p: HLWQPlanes) -> jax.Array:
-    """Rotated activations float32 [M, padded_in] → tile order [M, n_tiles · F0 · 128] (zeros past the last chunk).
-
-    ``tile_order`` as a pad, reshapes and one transpose (no gather: XLA fuses it into its producer): position
-    (t, f, c, w) of the result is column F0·w + bitrev(f) of chunk t·cpt + c, and bitrev over L bits is the reversal
-    of the L binary axes of f."""
-    f0, nw, cpt, n_tiles = tile_geometry(p)
+def to_gemv_order(xr: jax.Array, p: HLWQPlanes) -> jax.Array:
+    """Rotated activations float32 [M, padded_in] (natural order, e.g. shared by several projections) → the GEMV's
+    order [M, padded_in] (``chunk_order`` within every chunk): reshapes and one transpose, no gather — bitrev over
+    L bits is the reversal of the L binary axes of f."""
+    f0 = fields_per_word(p.bits)
     m, lb = xr.shape[0], f0.bit_length() - 1
-    xr = jnp.pad(xr, [(0, 0), (0, (n_tiles * cpt - p.n_chunks) * CHUNK)])
-    x = xr.reshape(m, n_tiles, cpt, nw, *([2] * lb))  # last axes: the bits of r = bitrev(f), most significant first
-    perm = (0, 1, *range(4 + lb - 1, 3, -1), 2, 3)
-    return x.transpose(perm).reshape(m, n_tiles * f0 * TILE_WORDS)
+    x = xr.reshape(m, p.n_chunks, CHUNK // f0, *([2] * lb))  # last axes: the bits of r = bitrev(f), msb first
+    perm = (0, 1, *range(3 + lb - 1, 2, -1), 2)
+    return x.transpose(perm).reshape(m, p.padded_in)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,11 +123,11 @@ def load(ref, idx, mask):
     return ref[idx] if mask is None else pltriton.load(ref.at[idx], mask=mask, other=0)
 
 
-def _gemv_kernel(*refs, bits, rows, steps, group, cpb, n_chunks, m_rows, lookup, stacked):
-    """x_ref f32 [M, n_tiles·F·128] (tile order); o_ref [n_groups, M, rows_total]; grid (n_groups, row blocks), every
-    program computing all M token rows for rows · steps output rows. ``stacked``: a leading expert_ref int32 [M],
-    planes [E, rows, words], grid (n_groups, row blocks, M): program (·, ·, m) computes token row m against expert
-    expert_ref[m] (m_rows = 1)."""
+def _gemv_kernel(*refs, bits, rows, steps, group, cpb, n_chunks, n_out, m_rows, lookup, stacked):
+    """x_ref f32 [M, padded_in] (GEMV order, ``chunk_order``); o_ref [n_groups, M, out] (with ``n_out`` = out given,
+    the rows past it, the layout's padding, are computed and not stored); grid (n_groups, row blocks), every program computing all M token
+    rows for rows · steps output rows. ``stacked``: a leading expert_ref int32 [M], planes [E, rows, words], grid
+    (n_groups, row blocks, M): program (·, ·, m) computes token row m against expert expert_ref[m] (m_rows = 1)."""
     if stacked:
         expert_ref, x_ref, norms_ref, table_ref, *plane_refs, o_ref = refs
         token = pl.program_id(2)
@@ -139,11 +144,21 @@ def _gemv_kernel(*refs, bits, rows, steps, group, cpb, n_chunks, m_rows, lookup,
     lane1 = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
     g = pl.program_id(0)  # (read outside the step loop: interpret mode has no program_id inside it)
     tiles = [g * group + i for i in range(group)]
-    xs = [[[x_ref[token + m, (t * f_ + f) * TILE_WORDS + slot] for f in range(f_)] for t in tiles]
-          for m in range(m_rows)]  # this program's activations, in registers for all its rows
+    ragged = n_chunks % cpt != 0
+
+    lpc = nw // VEC  # lanes per chunk
+
+    def x_tile(m, t):
+        """Activations of tile t for token row m, [field][VEC, LANES]: lane l's words' columns in GEMV order, written
+        as lane part + iota along VEC so that Triton sees 4 contiguous floats (one 16-byte load)."""
+        chunk = t * cpt + lane // lpc
+        col = chunk * CHUNK + (lane % lpc) * VEC + lax.broadcasted_iota(jnp.int32, shape, 0)
+        mask = chunk < n_chunks if ragged else None  # a ragged last tile reads zeros past the end
+        return [load(x_ref, (token + m, col + f * nw), mask) for f in range(f_)]
+
+    xs = [[x_tile(m, t) for t in tiles] for m in range(m_rows)]  # in registers for all of the program's rows
     if lookup == "shuffle":  # lane l holds table[l mod 2^b]: a code's garbage above bit b selects the same entry
         own = lane_table(table_ref, shape)
-    ragged = n_chunks % cpt != 0
     per_ext = 32 // x_ if x_ else 0  # base words per extra word
     row0 = pl.program_id(1) * (rows * steps)
 
@@ -183,18 +198,22 @@ def _gemv_kernel(*refs, bits, rows, steps, group, cpb, n_chunks, m_rows, lookup,
                         val = lane_shuffle(own, code.astype(jnp.int32))
                     else:
                         val = table_ref[(code & ((1 << bits) - 1)).astype(jnp.int32)]
-                    for m in range(m_rows):
-                        prod = val * xs[m][ti][f]
-                        parts[m] = prod if parts[m] is None else parts[m] + prod
+                    for m in range(m_rows):  # explicit FMAs (fma.py: XLA's Triton pipeline contracts none)
+                        parts[m] = val * xs[m][ti][f] if parts[m] is None else fma(val, xs[m][ti][f], parts[m])
                 nrm = norm.astype(jnp.float32)
-                accs = [p_ * nrm if a is None else a + p_ * nrm for a, p_ in zip(accs, parts)]
+                accs = [p_ * nrm if a is None else fma(p_, nrm, a) for a, p_ in zip(accs, parts)]
             sums.append([jnp.sum(jnp.sum(a, axis=0)) for a in accs])  # in-thread first, then one lane reduction
         return sums
 
     def store(step, sums):
         for r, row_sums in enumerate(sums):
+            row = row0 + step * rows + r
             for m, s in enumerate(row_sums):
-                o_ref[g, token + m, row0 + step * rows + r] = s.astype(o_ref.dtype)
+                if n_out is not None:  # a masked store, not a slice pass after the kernel
+                    at = o_ref.at[g, jnp.int32(token + m) if isinstance(token, int) else token + m, row]
+                    pltriton.store(at, s.astype(o_ref.dtype), mask=row < n_out)
+                else:
+                    o_ref[g, token + m, row] = s.astype(o_ref.dtype)
 
     def step(i, carry):  # loads, then arithmetic; other warps of the SM hide the latency
         store(i, compute(fetch(i)))
@@ -216,14 +235,15 @@ def plan_grid(p: HLWQPlanes, tokens: int, config: GemvConfig) -> tuple[int, int,
     return n_groups, n_tiles // n_groups, steps
 
 
-def gemv_call(x_tiles: jax.Array, p: HLWQPlanes, out_dtype, config: GemvConfig, *, interpret: bool,
+def gemv_call(x_gemv: jax.Array, p: HLWQPlanes, out_dtype, config: GemvConfig, *, interpret: bool,
               expert_ids: jax.Array | None = None) -> jax.Array:
-    """x_tiles f32 [M, n_tiles·F·128] (``to_tile_order``) → [M, rows].
+    """x_gemv f32 [M, padded_in], rotated activations in GEMV order (``rotate_activations(..., chunk_order=
+    chunk_order(bits))`` or ``to_gemv_order``) → [M, out].
 
     ``expert_ids`` int32 [M] (stacked layouts [E, rows, words] only): token row m is multiplied by expert
     expert_ids[m]; one program per (row block, tile group, token), so only the experts named there are read.
     """
-    m = x_tiles.shape[0]
+    m = x_gemv.shape[0]
     stacked = expert_ids is not None
     if stacked != (p.ndim == 3) or p.ndim not in (2, 3):
         raise ValueError(f"gemv_call: expert_ids must be given exactly for stacked [E, out, in] layouts, got shape "
@@ -231,7 +251,8 @@ def gemv_call(x_tiles: jax.Array, p: HLWQPlanes, out_dtype, config: GemvConfig, 
     n_groups, group, steps = plan_grid(p, m if stacked else 1, config)
     rows = config.rows
     kernel = functools.partial(_gemv_kernel, bits=p.bits, rows=rows, steps=steps, group=group,
-                               cpb=p.block_size // CHUNK, n_chunks=p.n_chunks, m_rows=1 if stacked else m,
+                               cpb=p.block_size // CHUNK, n_chunks=p.n_chunks,
+                               n_out=p.out_features if p.rows != p.out_features else None, m_rows=1 if stacked else m,
                                lookup=resolve_lookup(config.lookup, p.bits), stacked=stacked)
     blocks = p.rows // (rows * steps)
     # tile groups vary fastest, so programs launched together read whole rows (the same speed as row blocks first on
@@ -239,8 +260,9 @@ def gemv_call(x_tiles: jax.Array, p: HLWQPlanes, out_dtype, config: GemvConfig, 
     grid = (n_groups, blocks, m) if stacked else (n_groups, blocks)
     lead_args = (expert_ids.astype(jnp.int32),) if stacked else ()
     y = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((n_groups, m, p.rows), out_dtype if n_groups == 1 else jnp.float32),
+        kernel, out_shape=jax.ShapeDtypeStruct((n_groups, m, p.out_features),
+                                         out_dtype if n_groups == 1 else jnp.float32),
         grid=grid, compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
         interpret=interpret, name=f"hlwq_gemv_q{p.bits}",
-    )(*lead_args, x_tiles.astype(jnp.float32), p.norms_t, p.table, *p.planes)
+    )(*lead_args, x_gemv.astype(jnp.float32), p.norms_t, p.table, *p.planes)
     return reduce_groups(y, out_dtype)

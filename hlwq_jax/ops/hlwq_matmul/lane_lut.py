@@ -91,7 +91,8 @@ lane_shuffle_p.def_abstract_eval(lambda own, idx: jax_core.ShapedArray(own.shape
 mlir.register_lowering(lane_shuffle_p, mlir.lower_fun(_shuffle, multiple_results=False))
 
 
-def _asm(ctx, asm: str, constraints: str, args):
+def inline_asm(ctx, asm: str, constraints: str, args):
+    """One PTX instruction per element, as Triton elementwise inline assembly (the lowering rules' building block)."""
     out = mlir.aval_to_ir_type(ctx.context.mlir_ctx, ctx.avals_out[0])
     return tt_dialect.elementwise_inline_asm([out], asm, constraints=constraints, pure=True, packed_element=1,
                                              args=args)
@@ -101,9 +102,9 @@ def _asm(ctx, asm: str, constraints: str, args):
 def _lane_ids_triton(ctx, *, shape):
     # elementwise asm needs a tensor operand to take its shape from: a zero tensor, not read by the asm
     zero = triton_lowering._full(mlir.aval_to_ir_type(ctx.context.mlir_ctx, ctx.avals_out[0]), 0)
-    return _asm(ctx, "mov.u32 $0, %laneid;", "=r,r", [zero])
+    return inline_asm(ctx, "mov.u32 $0, %laneid;", "=r,r", [zero])
 
 
 @triton_lowering.register_lowering(lane_shuffle_p)
 def _lane_shuffle_triton(ctx, own, idx):
-    return _asm(ctx, "shfl.sync.idx.b32 $0, $1, $2, 31, -1;", "=f,f,r", [own, idx])
+    return inline_asm(ctx, "shfl.sync.idx.b32 $0, $1, $2, 31, -1;", "=f,f,r", [own, idx])

@@ -3,7 +3,8 @@
 Every kernel streams the bit planes of ``HLWQPlanes`` (layout.py), rebuilds each code with shifts (``field``), looks
 it up in the 2^b-entry table c/√B and applies one norm per (row, 128-code chunk). The lookup (``PallasConfig.lookup``)
 is a warp shuffle for ≤ 5 bits (lane_lut.py: one ``shfl.sync`` per code, no mask, no layout conversion) and a load
-from the table above. The activations are rotated beforehand (rotate.py; one small dot).
+from the table above. The activations are rotated beforehand (rotate.py; one small dot, which for the GEMV also
+puts the columns in its order).
 
 Three paths, chosen by the token count M (``plan``; the config makes the thresholds explicit):
   "gemv"    M ≤ gemv_max_m (decode): gemv_triton.py — 16-byte code loads, one warp per program, activations in
@@ -34,7 +35,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from hlwq_jax.ops.hlwq_matmul.gemv_triton import LOOKUPS as GEMV_LOOKUPS
-from hlwq_jax.ops.hlwq_matmul.gemv_triton import GemvConfig, gemv_call, reduce_groups, resolve_lookup, to_tile_order
+from hlwq_jax.ops.hlwq_matmul.gemv_triton import (GemvConfig, chunk_order, gemv_call, reduce_groups, resolve_lookup,
+                                                  to_gemv_order)
+from hlwq_jax.ops.hlwq_matmul.fma import fma
 from hlwq_jax.ops.hlwq_matmul.lane_lut import lane_shuffle, lane_table
 from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, bitrev, extension_bits, field, fields_per_word, repack
 from hlwq_jax.ops.hlwq_matmul.rotate import rotate_activations
@@ -156,12 +159,13 @@ def chunk_values(source, plane_refs, bits, lead, r0, bn, c, mode: str):
     return lookup(source, unpack_chunk(plane_refs, bits, lead, r0, bn, c, masked=mode != "shuffle"), mode)
 
 
-def chunk_dot(vals, xs, norm, precision):
-    """float32 [bn, bm] = norm[:, None] · (vals [bn, 128] @ xs [bm, 128]ᵀ): the weight tile is the tensor-core A
-    operand (with the weights as B, Triton stored the tile to shared memory one code at a time)."""
+def chunk_dot(vals, xs, norm, precision, acc):
+    """float32 [bn, bm] = acc + norm[:, None] · (vals [bn, 128] @ xs [bm, 128]ᵀ), the norm applied by explicit FMAs
+    (fma.py): the weight tile is the tensor-core A operand (with the weights as B, Triton stored the tile to shared
+    memory one code at a time)."""
     part = lax.dot_general(vals.astype(xs.dtype), xs, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                            precision=precision)
-    return part * norm.astype(jnp.float32)[:, None]
+    return fma(part, norm.astype(jnp.float32)[:, None], acc)
 
 
 def chunk_loop(first, n, unroll, body, init):
@@ -186,7 +190,7 @@ def _dot_kernel(x_ref, norms_ref, table_ref, *refs, bits, bm, bn, group, unroll,
     def body(c, acc):
         vals = chunk_values(source, plane_refs, bits, (), r0, bn, c, mode)
         xs = x_ref[toks, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)]  # [bm, 128]
-        return acc + chunk_dot(vals, xs, norms_ref[c // cpb, rows], precision)
+        return chunk_dot(vals, xs, norms_ref[c // cpb, rows], precision, acc)
 
     acc = chunk_loop(g * group, group, unroll, body, jnp.zeros((bn, bm), jnp.float32))
     o_ref[g, toks, rows] = acc.T.astype(o_ref.dtype)
@@ -268,11 +272,13 @@ def hlwq_matmul_pallas(x: jax.Array, w, *, config: PallasConfig = PallasConfig()
         raise ValueError(f"x has {x.shape[-1]} features, expected {p.padded_in if rotated else p.in_features} "
                          f"({'rotated, padded_in' if rotated else 'input features'}) for weight {p.shape}")
     dot_dtype = jnp.float32 if jnp.dtype(out_dtype).itemsize >= 4 else out_dtype
-    xr = (x if rotated else rotate_activations(x, p)).reshape(m, p.padded_in)
     path = plan(m, config)
-    if path == "gemv":
-        y = gemv_call(to_tile_order(xr.astype(jnp.float32), p), p, out_dtype, config.gemv, interpret=interpret)
-    elif path == "dot":
+    if path == "gemv":  # the GEMV's column order folded into the rotation (or one transpose of shared activations)
+        xg = (to_gemv_order(x.reshape(m, p.padded_in).astype(jnp.float32), p) if rotated
+              else rotate_activations(x, p, chunk_order=chunk_order(p.bits)).reshape(m, p.padded_in))
+        return gemv_call(xg, p, out_dtype, config.gemv, interpret=interpret).reshape(*lead, p.out_features)
+    xr = (x if rotated else rotate_activations(x, p)).reshape(m, p.padded_in)
+    if path == "dot":
         y = dot_call(xr.astype(dot_dtype), p, out_dtype, config, interpret)
     else:
         w_rot = dequant_call(p, dot_dtype, config, interpret)

@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from hlwq_jax.ops.hlwq_matmul.gemv_triton import GemvConfig, gemv_call, to_tile_order
+from hlwq_jax.ops.hlwq_matmul.gemv_triton import GemvConfig, chunk_order, gemv_call
 from hlwq_jax.ops.hlwq_matmul.layout import CHUNK, HLWQPlanes, repack
 from hlwq_jax.ops.hlwq_matmul.pallas_triton import (LOOKUPS, check_can_run, chunk_dot, chunk_loop, chunk_values,
                                                     largest_divisor_at_most, lookup_source, resolve_lookup)
@@ -81,7 +81,7 @@ def _grouped_kernel(tile_e_ref, tile_s_ref, tile_t_ref, x_ref, norms_ref, table_
         def body(c, acc):
             vals = chunk_values(source, plane_refs, bits, (e,), r0, bn, c, mode)
             xs = x_ref[toks, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)]  # [bm, 128]
-            return acc + chunk_dot(vals, xs, norms_ref[e, c // cpb, rows], precision)
+            return chunk_dot(vals, xs, norms_ref[e, c // cpb, rows], precision, acc)
 
         acc = chunk_loop(0, n_chunks, unroll, body, jnp.zeros((bn, bm), jnp.float32))
         pltriton.store(o_ref.at[toks, rows], acc.T.astype(o_ref.dtype), mask=mask)
@@ -125,10 +125,8 @@ def gather_hlwq_matmul_pallas(x: jax.Array, w: HLWQPlanes, expert_ids: jax.Array
                          f"{w.shape} disagree (want x [A, {w.in_features}], expert_ids [A])")
     if x.shape[0] == 0:
         return jnp.zeros((0, w.out_features), jnp.float32)
-    xr = rotate_activations(x, w)  # f32 [A, padded_in]
-    y = gemv_call(to_tile_order(xr, w), w, jnp.float32, config.gemv, interpret=interpret,
-                  expert_ids=expert_ids.astype(jnp.int32))
-    return y[:, : w.out_features]
+    xg = rotate_activations(x, w, chunk_order=chunk_order(w.bits))  # f32 [A, padded_in], the GEMV's order
+    return gemv_call(xg, w, jnp.float32, config.gemv, interpret=interpret, expert_ids=expert_ids.astype(jnp.int32))
 
 
 def ragged_hlwq_matmul_pallas(x_sorted: jax.Array, w, group_sizes: jax.Array, *,
