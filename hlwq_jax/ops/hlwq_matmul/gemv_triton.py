@@ -57,9 +57,10 @@ def tile_geometry(p: HLWQPlanes) -> tuple[int, int, int, int]:
 
 def chunk_order(bits: int) -> np.ndarray:
     """int [128]: the GEMV's order of the columns within every 128-column chunk (F0 fields per base word, nw base
-    words per chunk). Position f·nw + w (field f, base word w of the chunk) holds chunk column F0·w + bitrev(f) — the column whose code
-    is field f of word w (layout.py) — so a lane's 4 words of one field are 4 consecutive activations (one 16-byte
-    load). ``rotate_activations(x, w, chunk_order=chunk_order(bits))`` folds it into the Hadamard matrix's columns."""
+    words per chunk). Position f·nw + w (field f, base word w of the chunk) holds chunk column F0·w + bitrev(f), the
+    column whose code is field f of word w (layout.py), so a lane's 4 words of one field meet 4 consecutive
+    activations (one 16-byte load). ``rotate_activations(x, w, chunk_order=chunk_order(bits))`` folds it into the
+    Hadamard matrix's columns."""
     f0 = fields_per_word(bits)
     nw = CHUNK // f0
     f, w = np.meshgrid(np.arange(f0), np.arange(nw), indexing="ij")
@@ -125,9 +126,10 @@ def load(ref, idx, mask):
 
 def _gemv_kernel(*refs, bits, rows, steps, group, cpb, n_chunks, n_out, m_rows, lookup, stacked):
     """x_ref f32 [M, padded_in] (GEMV order, ``chunk_order``); o_ref [n_groups, M, out] (with ``n_out`` = out given,
-    the rows past it, the layout's padding, are computed and not stored); grid (n_groups, row blocks), every program computing all M token
-    rows for rows · steps output rows. ``stacked``: a leading expert_ref int32 [M], planes [E, rows, words], grid
-    (n_groups, row blocks, M): program (·, ·, m) computes token row m against expert expert_ref[m] (m_rows = 1)."""
+    the rows past it, the layout's padding, are computed and not stored); grid (n_groups, row blocks), every
+    program computing all M token rows for rows · steps output rows. ``stacked``: a leading expert_ref int32 [M],
+    planes [E, rows, words], grid (n_groups, row blocks, M): program (·, ·, m) computes token row m against expert
+    expert_ref[m] (m_rows = 1)."""
     if stacked:
         expert_ref, x_ref, norms_ref, table_ref, *plane_refs, o_ref = refs
         token = pl.program_id(2)
@@ -145,7 +147,6 @@ def _gemv_kernel(*refs, bits, rows, steps, group, cpb, n_chunks, n_out, m_rows, 
     g = pl.program_id(0)  # (read outside the step loop: interpret mode has no program_id inside it)
     tiles = [g * group + i for i in range(group)]
     ragged = n_chunks % cpt != 0
-
     lpc = nw // VEC  # lanes per chunk
 
     def x_tile(m, t):
@@ -252,7 +253,8 @@ def gemv_call(x_gemv: jax.Array, p: HLWQPlanes, out_dtype, config: GemvConfig, *
     rows = config.rows
     kernel = functools.partial(_gemv_kernel, bits=p.bits, rows=rows, steps=steps, group=group,
                                cpb=p.block_size // CHUNK, n_chunks=p.n_chunks,
-                               n_out=p.out_features if p.rows != p.out_features else None, m_rows=1 if stacked else m,
+                               n_out=p.out_features if p.rows != p.out_features else None,
+                               m_rows=1 if stacked else m,
                                lookup=resolve_lookup(config.lookup, p.bits), stacked=stacked)
     blocks = p.rows // (rows * steps)
     # tile groups vary fastest, so programs launched together read whole rows (the same speed as row blocks first on
