@@ -8,6 +8,8 @@ Command (H200, jax 0.11.2 + CUDA; ~3-5 min, mostly compiles):
         --variants bf16,hlwq5-pallas-experts,hlwq5-pallas --decode-batches 1 --iters 3 \
         --fused-decode bf16,hlwq5-pallas-experts,hlwq5-pallas --out $OUT/bench_model_experts.json
     (repacking the experts holds bf16 + two Q5 copies for a moment: XLA's default 75 % pool is too small for it)
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python3 experiments/bench_model.py --variants "" \
+        --paired-decode bf16,hlwq5-pallas-experts --out $OUT/bench_model_paired.json    # only the paired decode
     PYTHONPATH=. python3 experiments/bench_model.py --tiny --out /tmp/bench_model.json      # CPU plumbing check
 Measures, for bf16 weights and for HLWQ Q5 (default Mamba-aware recipe, XLA path: hlwq_matmul / dequantize; variant
 "hlwq5-pallas": the same weights with the dense projections on impl="pallas-decode" — the Pallas decode GEMV for
@@ -18,6 +20,8 @@ experts (the Pallas gather GEMV at decode; results/bench_model_experts.json); in
   Both run layer by layer (nemotron_h.forward_layerwise: a few small compiles instead of one 52-layer program per
   shape, so the whole run fits in minutes); batch-1 decode of the --fused-decode variants is also timed as one fused
   jitted step with donated caches (no per-layer host dispatch; one long compile).
+  * with --paired-decode A,B,…: the fused batch-1 decode of those variants, all resident, timed in alternating rounds
+    in one process (``bench_paired_decode``; tokens/s and each variant's time over A's, per round);
   * the MoE layer at prefill (T = --prefill-len tokens, random routing from random router weights): routed experts
     (dropless "capacity" path) and the whole block vs. a dense matmul pair with the same useful FLOPs
     ([T·k, D] @ [D, F] then [T·k, F] @ [F, D]), and the decode-time "gather" path at batch 1.
@@ -115,6 +119,56 @@ def bench_decode(cfg, params, batch: int, context: int, steps: int, key, fused: 
             "first_call_s": compile_s}
 
 
+def bench_paired_decode(cfg, params_by_variant: dict, context: int, rounds: int, steps: int, key) -> dict:
+    """Batch-1 fused decode of several variants in one process, in alternation: each variant's fused step is compiled
+    and warmed, then every round times ``steps`` steps of each variant, the order reversed every other round. The
+    same code's tokens/s moved 15 % between two processes of one device call (results/eleventh_explore/README.md);
+    alternating in one process compares the variants under the same conditions. Every variant's KV window is the
+    same (context + rounds · steps + 4), so attention costs the same in each."""
+    dtype = next(iter(params_by_variant.values()))["embeddings"].dtype
+    state = {}
+    for name, p in params_by_variant.items():
+        cache = nh.init_cache(cfg, 1, context + rounds * steps + 4, dtype)
+        tok = jax.random.randint(key, (1, 1), 0, cfg.vocab_size, jnp.int32)
+        step = decode_step(cfg, fused=True)
+        for _ in range(3):  # compile + warm-up
+            tok, cache = step(p, tok, cache)
+        jax.block_until_ready(tok)
+        state[name] = (step, p, tok, cache)
+    names = list(params_by_variant)
+    step_ms = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            step, p, tok, cache = state[name]
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tok, cache = step(p, tok, cache)
+            jax.block_until_ready(tok)
+            step_ms[name].append(1e3 * (time.perf_counter() - t0) / steps)
+            state[name] = (step, p, tok, cache)
+    return summarize_paired(step_ms, steps)
+
+
+def summarize_paired(step_ms: dict, steps: int) -> dict:
+    """{variant: [ms per step, one per round]} → medians, ranges, and each variant's time over the first variant's,
+    round by round (the pairing that makes the comparison robust to slow phases of the machine)."""
+    names = list(step_ms)
+    rounds = len(step_ms[names[0]])
+    if rounds == 0 or any(len(v) != rounds for v in step_ms.values()):
+        raise ValueError(f"summarize_paired: every variant needs the same number (≥ 1) of rounds, got "
+                         f"{ {k: len(v) for k, v in step_ms.items()} }")
+    base = step_ms[names[0]]
+    out = {"rounds": rounds, "steps_per_round": steps, "step_ms": step_ms, "baseline": names[0], "variants": {}}
+    for name in names:
+        ratios = [a / b for a, b in zip(step_ms[name], base)]
+        out["variants"][name] = {
+            "tokens_per_s_median": 1e3 / float(np.median(step_ms[name])),
+            "step_ms_min": min(step_ms[name]), "step_ms_max": max(step_ms[name]),
+            "time_over_baseline_median": float(np.median(ratios)),
+            "time_over_baseline_min": min(ratios), "time_over_baseline_max": max(ratios)}
+    return out
+
+
 def bench_moe(cfg, params, length: int, iters: int, key) -> dict:
     li = cfg.layer_types.index("E")
     layer = params["layers"][li]["mixer"]
@@ -148,6 +202,15 @@ def bench_moe(cfg, params, length: int, iters: int, key) -> dict:
 VARIANTS = "bf16 | hlwq<bits> | hlwq<bits>-pallas | hlwq<bits>-pallas-experts"
 
 
+def parse_variant(variant: str) -> tuple[str, str]:
+    """(bits, kernels) of an HLWQ variant name ("hlwq5-pallas" → ("5", "pallas")); raises on names outside VARIANTS."""
+    bits, _, kernels = variant[4:].partition("-")
+    if variant != "bf16" and (not variant.startswith("hlwq") or not bits.isdigit()
+                              or kernels not in ("", "pallas", "pallas-experts")):
+        raise ValueError(f"unknown variant {variant!r} ({VARIANTS})")
+    return bits, kernels
+
+
 def variant_params(params, variant: str):
     """The bf16 params, or their HLWQ version: "hlwq<bits>" (default recipe, impl="xla"), "hlwq<bits>-pallas" (the
     same weights, dense projections on impl="pallas-decode" via ``nn.linear.select_kernels``; interpret mode off a
@@ -155,9 +218,7 @@ def variant_params(params, variant: str):
     (block_until_ready) on return."""
     if variant == "bf16":
         return params
-    bits, _, kernels = variant[4:].partition("-")
-    if not variant.startswith("hlwq") or not bits.isdigit() or kernels not in ("", "pallas", "pallas-experts"):
-        raise ValueError(f"unknown variant {variant!r} ({VARIANTS})")
+    bits, kernels = parse_variant(variant)
     from hlwq_jax import Recipe, quantize_params
     from hlwq_jax.nn.linear import select_kernels
     p, _ = quantize_params(params, Recipe.default(int(bits)), with_stats=False)
@@ -193,6 +254,13 @@ def _table(res: dict) -> str:
         rows.append(f"{name:8} {v['weight_bytes'] / 1e9:10.2f} {pre:14.0f} " +
                     " ".join(f"{dec.get(b, float('nan')):14.1f}" for b in batches) +
                     f" {(fused[0] if fused else float('nan')):13.1f}")
+    paired = res.get("paired_decode")
+    if paired:
+        rows.append(f"paired fused b1 decode ({paired['rounds']} alternating rounds × {paired['steps_per_round']} "
+                    f"steps; time over {paired['baseline']}, median [min–max] of the rounds):")
+        for name, v in paired["variants"].items():
+            rows.append(f"  {name:24} {v['tokens_per_s_median']:8.1f} tok/s  {v['time_over_baseline_median']:.3f} "
+                        f"[{v['time_over_baseline_min']:.3f}–{v['time_over_baseline_max']:.3f}]")
     for name, v in res["variants"].items():
         m = v.get("moe")
         if m:
@@ -214,9 +282,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--fused-decode", default="bf16",
                     help="variants whose batch-1 decode is also timed as one fused jitted step (a long compile)")
+    ap.add_argument("--paired-decode", default="",
+                    help="variants (the first is the baseline) whose fused batch-1 decode is timed in alternating "
+                         "rounds at the end, all resident at once (empty: skip)")
+    ap.add_argument("--paired-rounds", type=int, default=8)
+    ap.add_argument("--paired-steps", type=int, default=40, help="decode steps per variant and round")
     args = ap.parse_args(argv)
+    if args.paired_rounds < 1 or args.paired_steps < 1:
+        ap.error("--paired-rounds and --paired-steps must be ≥ 1")
+    for name in [n for n in (args.variants + "," + args.paired_decode).split(",") if n]:
+        try:
+            parse_variant(name)
+        except ValueError as exc:
+            ap.error(str(exc))
     if args.tiny:
         args.prefill_len, args.decode_batches, args.decode_steps, args.context, args.iters = 64, "1,4", 6, 8, 2
+        args.paired_rounds, args.paired_steps = 2, 3
     batches = [int(b) for b in args.decode_batches.split(",")]
     cfg = nh.NemotronHConfig.from_hf(TINY_HF if args.tiny else nh.NANO_30B_HF)
     res = {"bench": "bench_model", "args": {**vars(args), "decode_batches": batches},
@@ -227,7 +308,7 @@ def main(argv=None) -> dict:
     params = nh.init_params(cfg, key, jnp.bfloat16)
     jax.block_until_ready(params)
     res["init_s"] = time.perf_counter() - t0
-    for variant in args.variants.split(","):
+    for variant in [v for v in args.variants.split(",") if v]:
         t0 = time.perf_counter()
         p = variant_params(params, variant)
         if p is not params:
@@ -249,6 +330,14 @@ def main(argv=None) -> dict:
         _write(args.out, res)
         if p is not params:
             del p
+    if args.paired_decode:
+        names = args.paired_decode.split(",")
+        ps = {name: variant_params(params, name) for name in names}
+        res["paired_decode"] = bench_paired_decode(cfg, ps, args.context, args.paired_rounds, args.paired_steps,
+                                                   jax.random.fold_in(key, 3))
+        print(f"paired decode {json.dumps(res['paired_decode']['variants'])}", flush=True)
+        _write(args.out, res)
+        del ps
     res["table"] = _table(res)
     _write(args.out, res)
     print(res["table"])
