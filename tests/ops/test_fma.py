@@ -9,6 +9,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 from hlwq_jax.ops.hlwq_matmul.fma import fma
+from triton_ir import lowered_triton_ir
 
 
 def _kernel(a_ref, b_ref, c_ref, o_ref):
@@ -39,21 +40,8 @@ def test_cpu_model_and_interpret_mode():
 
 def test_lowers_to_one_fused_instruction(monkeypatch):
     """Lowered for CUDA (on any host), the kernel carries fma.rn.f32 inline assembly."""
-    from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
-
-    monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info",
-                        lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
-    texts = []
-    lower = reg.lowering.lower_jaxpr_to_triton_module
-
-    def capture(*args, **kwargs):
-        result = lower(*args, **kwargs)
-        texts.append(result.module.operation.get_asm())
-        return result
-
-    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", capture)
     spec = jax.ShapeDtypeStruct((4, 32), jnp.float32)
-    jax.jit(lambda a, b, c: _call(a, b, c, False)).trace(spec, spec, spec).lower(lowering_platforms=("cuda",))
+    texts = lowered_triton_ir(monkeypatch, lambda a, b, c: _call(a, b, c, False), spec, spec, spec)
     assert texts and "fma.rn.f32" in texts[0]
 
 

@@ -10,6 +10,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 from hlwq_oracle import exact_weight
+from triton_ir import lowered_triton_ir
 from hlwq_jax.ops.hlwq_matmul import hlwq_matmul, repack
 from hlwq_jax.ops.hlwq_matmul.gemv_triton import GemvConfig, chunk_order, plan_grid, tile_geometry, to_gemv_order
 from hlwq_jax.ops.hlwq_matmul.rotate import chunk_permutation
@@ -121,21 +122,9 @@ def test_lane_model_of_a_wide_tile_is_runs_of_32():
 
 def test_lane_primitives_lower_to_laneid_and_shuffle(monkeypatch):
     """Lowered for CUDA (on any host), the lookup kernel carries %laneid and shfl.sync.idx inline assembly."""
-    from jax._src.pallas.triton import gpu_info, lowering, pallas_call_registration as reg
-
-    monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
-    texts = []
-    lower = lowering.lower_jaxpr_to_triton_module
-
-    def capture(*args, **kwargs):
-        result = lower(*args, **kwargs)
-        texts.append(result.module.operation.get_asm())
-        return result
-
-    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", capture)
     fn = pl.pallas_call(_lookup_kernel, out_shape=jax.ShapeDtypeStruct((4, 32), jnp.float32))
-    jax.jit(fn).trace(jax.ShapeDtypeStruct((32,), jnp.float32), jax.ShapeDtypeStruct((4, 32), jnp.int32)).lower(
-        lowering_platforms=("cuda",))
+    texts = lowered_triton_ir(monkeypatch, fn, jax.ShapeDtypeStruct((32,), jnp.float32),
+                              jax.ShapeDtypeStruct((4, 32), jnp.int32))
     assert texts and "%laneid" in texts[0] and "shfl.sync.idx.b32" in texts[0]
 
 
