@@ -119,21 +119,27 @@ def bench_decode(cfg, params, batch: int, context: int, steps: int, key, fused: 
             "first_call_s": compile_s}
 
 
+def warm_fused_decode(cfg, params, max_len: int, key, warmup: int = 3):
+    """(step, tokens [1, 1], cache) of the fused batch-1 decode step over a KV window of max_len, compiled and run
+    ``warmup`` times (profile_decode and the paired decode start from this)."""
+    cache = nh.init_cache(cfg, 1, max_len, params["embeddings"].dtype)
+    tok = jax.random.randint(key, (1, 1), 0, cfg.vocab_size, jnp.int32)
+    step = decode_step(cfg, fused=True)
+    for _ in range(warmup):
+        tok, cache = step(params, tok, cache)
+    jax.block_until_ready(tok)
+    return step, tok, cache
+
+
 def bench_paired_decode(cfg, params_by_variant: dict, context: int, rounds: int, steps: int, key) -> dict:
     """Batch-1 fused decode of several variants in one process, in alternation: each variant's fused step is compiled
     and warmed, then every round times ``steps`` steps of each variant, the order reversed every other round. The
     same code's tokens/s moved 15 % between two processes of one device call (results/eleventh_explore/README.md);
     alternating in one process compares the variants under the same conditions. Every variant's KV window is the
     same (context + rounds · steps + 4), so attention costs the same in each."""
-    dtype = next(iter(params_by_variant.values()))["embeddings"].dtype
     state = {}
     for name, p in params_by_variant.items():
-        cache = nh.init_cache(cfg, 1, context + rounds * steps + 4, dtype)
-        tok = jax.random.randint(key, (1, 1), 0, cfg.vocab_size, jnp.int32)
-        step = decode_step(cfg, fused=True)
-        for _ in range(3):  # compile + warm-up
-            tok, cache = step(p, tok, cache)
-        jax.block_until_ready(tok)
+        step, tok, cache = warm_fused_decode(cfg, p, context + rounds * steps + 4, key)
         state[name] = (step, p, tok, cache)
     names = list(params_by_variant)
     step_ms = {name: [] for name in names}

@@ -27,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_model import TINY_HF, _write, decode_step, run_info, variant_params
+from experiments.bench_model import TINY_HF, _write, run_info, variant_params, warm_fused_decode
 from hlwq_jax.models import nemotron_h as nh
 
 CATEGORIES = (  # (category, substrings of the kernel name), first match wins
@@ -80,14 +80,7 @@ def kernel_table(xplane_path: str, steps: int, top: int = 40) -> dict:
 
 def profile_variant(cfg, params, steps: int, context: int, key) -> dict:
     """Compile and warm the fused batch-1 decode step, then trace ``steps`` steps of it."""
-    dtype = params["embeddings"].dtype
-    cache = nh.init_cache(cfg, 1, context + steps + 4, dtype)
-    tok = jax.random.randint(key, (1, 1), 0, cfg.vocab_size, jnp.int32)
-
-    step = decode_step(cfg, fused=True)
-    for _ in range(3):  # compile + warm-up
-        tok, cache = step(params, tok, cache)
-    jax.block_until_ready(tok)
+    step, tok, cache = warm_fused_decode(cfg, params, context + steps + 4, key)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             t0 = time.perf_counter()

@@ -211,7 +211,7 @@ def _gemv_kernel(*refs, bits, rows, steps, group, cpb, n_chunks, n_out, m_rows, 
             row = row0 + step * rows + r
             for m, s in enumerate(row_sums):
                 if n_out is not None:  # a masked store, not a slice pass after the kernel
-                    at = o_ref.at[g, jnp.int32(token + m) if isinstance(token, int) else token + m, row]
+                    at = o_ref.at[g, jnp.int32(token + m), row]  # (the indexer takes no Python int here)
                     pltriton.store(at, s.astype(o_ref.dtype), mask=row < n_out)
                 else:
                     o_ref[g, token + m, row] = s.astype(o_ref.dtype)
